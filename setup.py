@@ -1,0 +1,11 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="textbind",
+    version="0.1.0",
+    description="TextBind: multi-turn interleaved multimodal instruction following",
+    packages=find_packages(include=["textbind", "textbind.*"]),
+    python_requires=">=3.10",
+    install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
+    extras_require={"test": ["pytest>=8", "ruff", "playwright", "gradio_client"]},
+)

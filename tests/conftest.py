@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny offline pretrained set, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (150, 40, 180), (250, 140, 0)]
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    from textbind.tiny import build_tiny_pretrained
+
+    return build_tiny_pretrained(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_config(tiny_paths):
+    from textbind.config import ModelConfig
+
+    return ModelConfig(**tiny_paths)
+
+
+@pytest.fixture(scope="session")
+def bundle(model_config):
+    from textbind.model.builder import build_model
+
+    torch.manual_seed(0)
+    built = build_model(model_config)
+    built.model.eval()  # the Q-Former has dropout: equivalence tests need eval mode
+    return built
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    """Six small images of distinct colours with a shape each, named 0.png .. 5.png."""
+    directory = tmp_path_factory.mktemp("images")
+    for index, colour in enumerate(COLOURS):
+        image = Image.new("RGB", (48, 48), (255, 255, 255))
+        image.paste(colour, (8 + index, 8, 30 + index, 40))
+        image.save(directory / f"{index}.png")
+    return directory

@@ -1,0 +1,1 @@
+"""Conversation format, tokenisation with caption branches, datasets and batching."""

@@ -1,0 +1,1 @@
+"""Test helpers: tiny offline models built from configs, no downloads."""

@@ -1,0 +1,176 @@
+"""Build a complete tiny "pretrained" set on disk, offline and deterministic: for tests and the toy world.
+
+    python -m textbind.tiny --out checkpoint/tiny
+
+writes the same layout the real recipe uses:
+    OUT/blip2_vision_model/        Blip2VisionModel directory
+    OUT/blip2_qformer.safetensors  query tokens + Q-Former (made by textbind.prepare_blip2)
+    OUT/llama/                     LlamaForCausalLM + a locally trained Llama-style tokenizer
+    OUT/processor/                 BLIP image processor config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    BlipImageProcessorPil,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaTokenizer,
+    OPTConfig,
+)
+
+from textbind.prepare_blip2 import prepare_blip2
+
+# A small built-in corpus so the tokenizer knows chat markup and everyday words as whole pieces.
+BASE_CORPUS = """
+[INST] <<SYS>> You are a helpful assistant. <</SYS>> [/INST]
+Describe this image. What is in the picture? Here is an image of it. Can you draw it for me?
+The image shows a small red circle on the left and a large blue square on the right.
+a small green triangle on the top and a large yellow circle on the bottom
+purple orange white black grey pink brown cyan colour color shape size left right top bottom
+Yes. No. Sure, here it is. It is a photo of a dog on a beach. Now make it green. Move it to the left.
+The quick brown fox jumps over the lazy dog. A corgi in the snow. Two cats sleeping on a sofa.
+What colour is the circle? What shape is it? How big is it? Are these the same? They are different.
+"""
+
+
+@dataclass
+class TinySizes:
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    qformer_hidden: int = 32
+    qformer_layers: int = 2
+    num_query_tokens: int = 32
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 128
+    vocab_size: int = 600
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int) -> LlamaTokenizer:
+    """A Llama-style (SentencePiece-like BPE with byte fallback) tokenizer trained on `corpus`."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+        show_progress=False,
+        initial_alphabet=[],
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+
+
+def build_tiny_pretrained(
+    output_dir: str | Path,
+    seed: int = 0,
+    sizes: TinySizes | None = None,
+    corpus: list[str] | None = None,
+) -> dict[str, str]:
+    """Write the tiny pretrained set; return the four paths as model-config keys."""
+    sizes = sizes or TinySizes()
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    blip2_config = Blip2Config(
+        vision_config=dict(
+            hidden_size=sizes.vision_hidden,
+            intermediate_size=sizes.vision_hidden * 2,
+            num_hidden_layers=sizes.vision_layers,
+            num_attention_heads=4,
+            image_size=sizes.image_size,
+            patch_size=sizes.patch_size,
+            initializer_range=0.02,  # the default (1e-10) gives a blind random encoder
+        ),
+        qformer_config=dict(
+            hidden_size=sizes.qformer_hidden,
+            num_hidden_layers=sizes.qformer_layers,
+            num_attention_heads=4,
+            intermediate_size=sizes.qformer_hidden * 2,
+            encoder_hidden_size=sizes.vision_hidden,
+            cross_attention_frequency=1,
+        ),
+        text_config=OPTConfig(
+            hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, vocab_size=64,
+            word_embed_proj_dim=16,
+        ).to_dict(),
+        num_query_tokens=sizes.num_query_tokens,
+    )
+    blip2 = Blip2ForConditionalGeneration(blip2_config).eval()
+    with torch.no_grad():
+        blip2.query_tokens.normal_(0.0, 0.02)
+    with tempfile.TemporaryDirectory() as scratch:
+        blip2.save_pretrained(scratch)
+        vision_dir, qformer_file = prepare_blip2(scratch, output)
+
+    tokenizer = train_tokenizer([*BASE_CORPUS.strip().splitlines(), *(corpus or [])], sizes.vocab_size)
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.llm_hidden,
+        intermediate_size=sizes.llm_intermediate,
+        num_hidden_layers=sizes.llm_layers,
+        num_attention_heads=sizes.llm_heads,
+        num_key_value_heads=sizes.llm_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    llama = LlamaForCausalLM(llama_config).eval()
+    llama_dir = output / "llama"
+    llama.save_pretrained(str(llama_dir))
+    tokenizer.save_pretrained(str(llama_dir))
+
+    processor_dir = output / "processor"
+    BlipImageProcessorPil(
+        size={"height": sizes.image_size, "width": sizes.image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    ).save_pretrained(str(processor_dir))
+    paths = {
+        "vision_model": str(vision_dir),
+        "qformer": str(qformer_file),
+        "language_model": str(llama_dir),
+        "processor": str(processor_dir),
+    }
+    (output / "tiny.json").write_text(json.dumps({"seed": seed, "sizes": asdict(sizes), "paths": paths}, indent=2))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="checkpoint/tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", help="optional text file whose lines extend the tokenizer's corpus")
+    args = parser.parse_args(argv)
+    corpus = Path(args.corpus).read_text().splitlines() if args.corpus else None
+    for key, path in build_tiny_pretrained(args.out, seed=args.seed, corpus=corpus).items():
+        print(f"{key}: {path}")
+
+
+if __name__ == "__main__":
+    main()
