@@ -88,6 +88,7 @@ class TrainConfig:
     """Batching, length, checkpointing and logging of one run."""
 
     output_dir: str = "runs/default"
+    export_name: str = "model"  # the trained modules are exported to output_dir/export_name at the end
     epochs: int = 1
     max_steps: int = 0  # 0: derived from epochs
     micro_batch_size: int = 1
@@ -101,6 +102,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | <path to a resumable checkpoint>
     log_every: int = 10
     tensorboard: bool = True
+    record_samples: bool = False  # write output_dir/samples/rank{R}.jsonl: which samples each step saw
     wandb_project: str = ""
 
 

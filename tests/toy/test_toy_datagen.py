@@ -166,9 +166,7 @@ def test_stage2_images_show_their_captions(stage2: tuple[Path, Path, list[dict]]
 
 def test_stage2_mixes_every_kind(stage2: tuple[Path, Path, list[dict]]) -> None:
     _, _, records = stage2
-    counts = dict.fromkeys(
-        ["system", "describe", "question", "compare", "draw", "edit", "multi_turn", "mixed"], 0
-    )
+    counts = dict.fromkeys(["system", "describe", "question", "compare", "draw", "edit", "multi_turn", "mixed"], 0)
     for record in records:
         turns = record["conversation"]
         counts["system"] += turns[0]["role"] == "system"
@@ -186,9 +184,7 @@ def test_stage2_mixes_every_kind(stage2: tuple[Path, Path, list[dict]]) -> None:
         counts["question"] += any(turn["content"].startswith(("It is", "It's")) for turn in assistant_turns)
         has_user_image = any(turn["image_list"] for turn in user_turns)
         counts["mixed"] += bool(drawn) and has_user_image
-    edits = [
-        turn for record in records for turn in record["conversation"] if turn["content"].startswith("Now ")
-    ]
+    edits = [turn for record in records for turn in record["conversation"] if turn["content"].startswith("Now ")]
     counts["edit"] = len(edits)
     for kind, count in counts.items():
         assert count >= 5, (kind, counts)
@@ -286,24 +282,18 @@ def test_edits_change_the_scene_as_asked(seed: int) -> None:
         if instruction.startswith(("make", "colour", "paint", "change", "turn")):
             assert edited.layout == scene.layout
             changed = [
-                (before, after)
-                for before, after in zip(scene.objects, edited.objects, strict=True)
-                if before != after
+                (before, after) for before, after in zip(scene.objects, edited.objects, strict=True) if before != after
             ]
             assert len(changed) == 1, instruction
             before, after = changed[0]
-            differing = [
-                name for name in ("colour", "shape", "size") if getattr(before, name) != getattr(after, name)
-            ]
+            differing = [name for name in ("colour", "shape", "size") if getattr(before, name) != getattr(after, name)]
             assert len(differing) == 1
             new_value = getattr(after, differing[0])
             assert new_value in named_values or {"bigger", "smaller"} & named_values, (instruction, new_value)
         elif instruction.startswith(("remove", "take away", "delete", "keep only")):
             assert edited.layout == "single" and edited.objects[0] in scene.objects
         elif instruction.startswith(("add", "also draw", "put a")):
-            assert (
-                scene.layout == "single" and edited.layout != "single" and scene.objects[0] in edited.objects
-            )
+            assert scene.layout == "single" and edited.layout != "single" and scene.objects[0] in edited.objects
             added = re.search(r"a (small|large) [a-z]+ [a-z]+ on the [a-z]+", instruction)
             assert added is not None and added.group(0) in caption(edited), (instruction, caption(edited))
         else:  # swap or re-layout keep the same two objects

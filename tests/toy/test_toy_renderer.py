@@ -42,9 +42,7 @@ def test_draws_the_caption(seed: int | None) -> None:
 
 def test_vertical_caption_and_size() -> None:
     renderer = ToyRenderer(image_size=96)
-    pixels = np.asarray(
-        renderer("a large yellow triangle on the top and a small purple circle on the bottom", seed=3)
-    )
+    pixels = np.asarray(renderer("a large yellow triangle on the top and a small purple circle on the bottom", seed=3))
     assert pixels.shape == (96, 96, 3)
     assert dominant_colour(pixels[:48]) == "yellow"
     assert dominant_colour(pixels[48:]) == "purple"

@@ -75,12 +75,8 @@ def test_round_trip_over_the_whole_scene_space() -> None:
 
 def test_parse_is_robust_to_case_whitespace_and_order() -> None:
     expected = Scene(objects=(RED_CIRCLE, BLUE_SQUARE), layout="horizontal")
-    assert (
-        parse_caption("  A small RED circle on the left and a large blue Square on the right \n") == expected
-    )
-    assert (
-        parse_caption("a small red circle   on the left and\ta large blue square on the right.") == expected
-    )
+    assert parse_caption("  A small RED circle on the left and a large blue Square on the right \n") == expected
+    assert parse_caption("a small red circle   on the left and\ta large blue square on the right.") == expected
     assert parse_caption("a large blue square on the right and a small red circle on the left") == expected
     assert parse_caption("a small red circle on the bottom and a large blue square on the top") == Scene(
         objects=(BLUE_SQUARE, RED_CIRCLE), layout="vertical"
@@ -125,18 +121,10 @@ def test_scene_attributes_match() -> None:
     assert scene_attributes_match(
         pair, "The image shows a small red circle on the left and a large blue square on the right."
     )
-    assert scene_attributes_match(
-        pair, "A large blue square is on the right, and a small red circle sits on the left!"
-    )
-    assert not scene_attributes_match(
-        pair, "a small red circle on the right and a large blue square on the left"
-    )
-    assert not scene_attributes_match(
-        pair, "a small red circle on the left and a large blue square on the bottom"
-    )
-    assert not scene_attributes_match(
-        pair, "a small red circle on the left and a small blue square on the right"
-    )
+    assert scene_attributes_match(pair, "A large blue square is on the right, and a small red circle sits on the left!")
+    assert not scene_attributes_match(pair, "a small red circle on the right and a large blue square on the left")
+    assert not scene_attributes_match(pair, "a small red circle on the left and a large blue square on the bottom")
+    assert not scene_attributes_match(pair, "a small red circle on the left and a small blue square on the right")
     assert not scene_attributes_match(pair, "a small red circle on the left")
     assert not scene_attributes_match(pair, "a small red circle and a large blue square")
     assert scene_attributes_match(single, "I see a small red circle.")

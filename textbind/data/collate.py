@@ -22,6 +22,7 @@ class Batch:
     pixel_values: torch.Tensor  # (N, 3, H, W): the batch's images in row-major token order
     num_samples: int = 0
     num_skipped: int = 0  # samples dropped by the loader (unreadable images, corrupt records)
+    sources: tuple[str, ...] = ()  # where each sample came from ("train.json record 3", "shard sample KEY")
 
     @property
     def has_branches(self) -> bool:
@@ -66,7 +67,8 @@ def collate(
             pixel_rows.append(pixel_values)
     pixel_values = torch.cat(pixel_rows) if pixel_rows else torch.zeros(0, 3, 1, 1)
     return Batch(input_ids, targets, position_ids, segment_ids, branch_prefix, pixel_values,
-                 num_samples=batch_size, num_skipped=num_skipped)
+                 num_samples=batch_size, num_skipped=num_skipped,
+                 sources=tuple(encoded.source for encoded, _ in samples))
 
 
 def allowed_attention(segment_ids: torch.Tensor, branch_prefix: torch.Tensor) -> torch.Tensor:

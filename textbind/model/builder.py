@@ -158,5 +158,9 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
         load_trained_modules(model, config.checkpoint)
     model.set_trainable(config.trainable)
     if config.gradient_checkpointing:
-        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed the switch (5.2x); prefer the new name where it exists.
+        if hasattr(language_model, "activation_checkpointing_enable"):
+            language_model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return ModelBundle(model=model, tokenizer=tokenizer, image_processor=image_processor)

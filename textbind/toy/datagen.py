@@ -113,9 +113,7 @@ def write_stage1_shards(
     if num_samples < 1 or samples_per_shard < 1:
         raise ValueError("num_samples and samples_per_shard must be positive")
     if image_extension not in IMAGE_EXTENSIONS:
-        raise ValueError(
-            f"unsupported image extension {image_extension!r}; expected one of {IMAGE_EXTENSIONS}"
-        )
+        raise ValueError(f"unsupported image extension {image_extension!r}; expected one of {IMAGE_EXTENSIONS}")
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     rng = stream_rng(seed, STAGE1_STREAM)
@@ -184,9 +182,7 @@ class _Conversation:
 
     def add(self, role: str, content: str, scenes: Sequence[Scene] = ()) -> None:
         if content.count(IMAGE_TOKEN) != len(scenes):
-            raise AssertionError(
-                f"{content!r} has {content.count(IMAGE_TOKEN)} markers for {len(scenes)} images"
-            )
+            raise AssertionError(f"{content!r} has {content.count(IMAGE_TOKEN)} markers for {len(scenes)} images")
         self.turns.append(
             {
                 "role": role,
@@ -248,17 +244,13 @@ def _reference(scene: Scene, index: int, rng: random.Random, exclude: Iterable[s
         ),
         ({"position"}, True, [f"the shape on the {position}", f"the one on the {position}"]),
     ]
-    candidates = [
-        phrase for used, unique, phrases in options if unique and not used & excluded for phrase in phrases
-    ]
+    candidates = [phrase for used, unique, phrases in options if unique and not used & excluded for phrase in phrases]
     return rng.choice(candidates) if candidates else None
 
 
 def _describe_answer(rng: random.Random, scene: Scene) -> str:
     text = caption(scene)
-    template = rng.choice(
-        ["{caption}.", "The image shows {caption}.", "I see {caption}.", "There is {caption}."]
-    )
+    template = rng.choice(["{caption}.", "The image shows {caption}.", "I see {caption}.", "There is {caption}."])
     return _sentence(template.format(caption=text))
 
 
@@ -300,9 +292,7 @@ def _random_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
         elif kind == "exists":
             asked = item if rng.random() < 0.5 else random_object(rng)
             present = [obj for obj in scene.objects if (obj.colour, obj.shape) == (asked.colour, asked.shape)]
-            question = rng.choice(
-                ["Is there a {colour} {shape}?", "Is there a {colour} {shape} in the image?"]
-            )
+            question = rng.choice(["Is there a {colour} {shape}?", "Is there a {colour} {shape} in the image?"])
             question = question.format(colour=asked.colour, shape=asked.shape)
             if len(present) == 2:
                 answer = f"Yes, there are two {asked.colour} {_PLURAL_SHAPES[asked.shape]}."
@@ -514,9 +504,7 @@ def _comparison_pair(rng: random.Random, kind: str) -> tuple[Scene, Scene]:
     """Two single-object scenes; for "same_*" kinds the attribute agrees half of the time."""
     first = random_scene(rng, layout="single")
     second_object = random_object(rng)
-    attribute = {"same_shape": "shape", "same_colour": "colour", "same_size": "size", "larger": "size"}.get(
-        kind
-    )
+    attribute = {"same_shape": "shape", "same_colour": "colour", "same_size": "size", "larger": "size"}.get(kind)
     if attribute is not None:
         values = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES}[attribute]
         current = getattr(first.objects[0], attribute)
@@ -531,9 +519,7 @@ def _comparison_pair(rng: random.Random, kind: str) -> tuple[Scene, Scene]:
 
 def _comparison_answer(rng: random.Random, kind: str, first: Scene, second: Scene) -> tuple[str, str]:
     if kind == "describe_both":
-        question = rng.choice(
-            ["Describe these two images.", "What is in each image?", "What do these images show?"]
-        )
+        question = rng.choice(["Describe these two images.", "What is in each image?", "What do these images show?"])
         return question, f"The first image shows {caption(first)} and the second shows {caption(second)}."
     if kind == "larger":
         question = rng.choice(["Which image shows the larger shape?", "In which image is the shape bigger?"])

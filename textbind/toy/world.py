@@ -88,9 +88,7 @@ class Scene:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {LAYOUTS}")
         expected_count = 1 if self.layout == "single" else 2
         if len(self.objects) != expected_count:
-            raise ValueError(
-                f"layout {self.layout!r} needs {expected_count} objects, got {len(self.objects)}"
-            )
+            raise ValueError(f"layout {self.layout!r} needs {expected_count} objects, got {len(self.objects)}")
         if not all(isinstance(item, ShapeObject) for item in self.objects):
             raise TypeError("Scene.objects must hold ShapeObject instances")
 
@@ -251,6 +249,11 @@ def object_extent(size: str, image_size: int) -> int:
     return max(3, round(_SIZE_FRACTIONS[size] * image_size))
 
 
+def _corner(low: int, high: int, centred: int, rng: random.Random | None) -> int:
+    """A random coordinate in [low, high], or the centred one without an rng (or without room)."""
+    return rng.randint(low, high) if rng is not None and high > low else centred
+
+
 def _draw_object(
     draw: ImageDraw.ImageDraw,
     item: ShapeObject,
@@ -276,14 +279,8 @@ def _draw_object(
     elif layout == "vertical":
         middle_x = (left + right - extent) // 2
         low_x, high_x = max(low_x, middle_x - cross_jitter), min(high_x, middle_x + cross_jitter)
-    if rng is None or high_x <= low_x:
-        x0 = (left + right - extent) // 2
-    else:
-        x0 = rng.randint(low_x, high_x)
-    if rng is None or high_y <= low_y:
-        y0 = (top + bottom - extent) // 2
-    else:
-        y0 = rng.randint(low_y, high_y)
+    x0 = _corner(low_x, high_x, (left + right - extent) // 2, rng)
+    y0 = _corner(low_y, high_y, (top + bottom - extent) // 2, rng)
     x1, y1 = x0 + extent - 1, y0 + extent - 1  # PIL boxes are inclusive
     fill = COLOURS[item.colour]
     if item.shape == "circle":

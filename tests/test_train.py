@@ -1,0 +1,177 @@
+"""The training recipe end to end with real DeepSpeed on the CPU: scripts, two ranks, exact resume, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from textbind.config import ModelConfig, load_config
+from textbind.model.builder import build_model
+from textbind.toy.datagen import write_stage1_shards, write_stage2_json
+from textbind.train import engine_config, make_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["train.precision=fp32", "model.dtype=float32", "train.tensorboard=false", "data.num_workers=1"]
+
+
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def run(command: list[str], env: dict[str, str], expect_ok: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "MASTER_PORT": free_port(), "PYTHONUNBUFFERED": "1", **env}
+    result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def metrics(output_dir: Path) -> dict[int, dict]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record for record in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    pattern = write_stage1_shards(root / "stage1", num_samples=32, samples_per_shard=8, seed=0)
+    write_stage2_json(root / "stage2/train.json", root / "stage2/images", num_conversations=16, seed=0)
+    # a tiny "repeated batch" data set: 4 pairs, 4 conversations
+    small = write_stage1_shards(root / "small1", num_samples=4, samples_per_shard=4, seed=1)
+    write_stage2_json(root / "small2/train.json", root / "small2/images", num_conversations=4, seed=1)
+    return {"stage1": pattern, "stage2": str(root / "stage2/train.json"), "images": str(root / "stage2/images"),
+            "small1": small, "small2": str(root / "small2/train.json"), "small_images": str(root / "small2/images")}
+
+
+def model_env(tiny_paths):
+    return {"VISION_MODEL": tiny_paths["vision_model"], "LANGUAGE_MODEL": tiny_paths["language_model"],
+            "PROCESSOR": tiny_paths["processor"], "NUM_GPUS": "1"}
+
+
+def train_module(config: str, overrides: list[str], env: dict | None = None, expect_ok: bool = True):
+    return run([sys.executable, "-m", "textbind.train", "--config", config, *overrides], env or {}, expect_ok)
+
+
+def tiny_overrides(tiny_paths):
+    return [f"model.{key}={value}" for key, value in tiny_paths.items()]
+
+
+def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
+    """Stage 1 then stage 2 from stage 1's export, via the scripts; the loss falls on a repeated batch."""
+    env = model_env(tiny_paths)
+    stage1 = tmp_path / "stage1"
+    run(["bash", "scripts/run_first_stage.sh", *FAST, "train.micro_batch_size=4", "train.global_batch_size=4",
+         "train.max_steps=12", "optim.lr=2e-3", "optim.warmup_steps=1", "train.save_every=6"],
+        {**env, "TRAIN_DATA_PATH": data["small1"], "CHECKPOINT": tiny_paths["qformer"], "OUTPUT_DIR": str(stage1)})
+    losses = [metrics(stage1)[step]["loss"] for step in range(1, 13)]
+    # only the Q-Former side trains over a frozen random LLM: a clear, steady fall is what to expect
+    assert losses[-1] < losses[0] - 0.1 and losses[-1] < min(losses[:6]), losses
+    export = stage1 / "first_stage_model"
+    assert (export / "model.safetensors").is_file()
+    assert load_config(export / "config.yaml").data.stage == 1
+
+    stage2 = tmp_path / "stage2"
+    run(["bash", "scripts/run_second_stage.sh", *FAST, "train.micro_batch_size=2", "train.global_batch_size=4",
+         "train.max_steps=10", "optim.lr=2e-3", "optim.warmup_steps=1", "train.save_every=5",
+         "model.gradient_checkpointing=false"],
+        {**env, "TRAIN_DATA_PATH": data["small2"], "IMAGE_DIR": data["small_images"], "CHECKPOINT": str(export),
+         "QFORMER": tiny_paths["qformer"], "OUTPUT_DIR": str(stage2)})
+    losses = [metrics(stage2)[step]["loss"] for step in range(1, 11)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    # the stage-2 export loads for inference and holds the language model too
+    final = build_model(ModelConfig(**tiny_paths, checkpoint=str(stage2 / "second_stage_model")))
+    assert sorted(json.loads((stage2 / "second_stage_model/textbind.json").read_text())["modules"]) == [
+        "language_model", "qformer", "qformer_projection", "query_tokens"]
+    assert final.model is not None
+
+
+def test_resume_is_exact(tiny_paths, data, tmp_path):
+    """Killed after step 3 (last save at 2), resumed: steps 3..6 match an uninterrupted run."""
+    common = ["--config", "configs/train/first_stage.yaml", *tiny_overrides(tiny_paths), *FAST,
+              f"data.train_path={data['stage1']}", "data.num_workers=2", "train.micro_batch_size=2",
+              "train.global_batch_size=4", "train.max_steps=6", "train.save_every=2", "optim.warmup_steps=2",
+              "data.shuffle_buffer=4"]
+    run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'straight'}"], {})
+    crashed = run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'resumed'}",
+                   "--crash-at-step", "3"], {}, expect_ok=False)
+    assert crashed.returncode == 17
+    assert (tmp_path / "resumed/checkpoints/latest").read_text() == "step00000002"
+    assert not (tmp_path / "resumed/first_stage_model").exists()
+    run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'resumed'}"], {})
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-7), step
+        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9)
+    kept = sorted(p.name for p in (tmp_path / "resumed/checkpoints").iterdir() if p.name.startswith("step"))
+    assert kept == ["step00000004", "step00000006"]  # keep_last=2
+    a = (tmp_path / "straight/first_stage_model/model.safetensors").read_bytes()
+    b = (tmp_path / "resumed/first_stage_model/model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_two_ranks_disjoint_data_and_resume(tiny_paths, data, tmp_path):
+    env = {**model_env(tiny_paths), "NUM_GPUS": "2", "TRAIN_DATA_PATH": data["stage2"], "IMAGE_DIR": data["images"],
+           "CHECKPOINT": "", "QFORMER": tiny_paths["qformer"], "OUTPUT_DIR": str(tmp_path / "run")}
+    overrides = [*FAST, "train.micro_batch_size=1", "train.global_batch_size=4", "train.max_steps=4",
+                 "train.save_every=2", "train.record_samples=true", "model.gradient_checkpointing=false"]
+    first = run(["bash", "scripts/run_second_stage.sh", *overrides, "--crash-at-step", "2"], env, expect_ok=False)
+    assert first.returncode != 0 and (tmp_path / "run/checkpoints/latest").read_text() == "step00000002"
+    run(["bash", "scripts/run_second_stage.sh", *overrides], env)
+    per_rank = [[json.loads(line) for line in (tmp_path / f"run/samples/rank{r}.jsonl").read_text().splitlines()]
+                for r in range(2)]
+    for step in range(1, 5):
+        seen = [{s for record in records if record["step"] == step for s in record["sources"]}
+                for records in per_rank]
+        assert len(seen[0]) == 2 and len(seen[1]) == 2 and not seen[0] & seen[1], (step, seen)
+    assert sorted(metrics(tmp_path / "run")) == [1, 2, 3, 4]
+    assert (tmp_path / "run/second_stage_model/model.safetensors").is_file()
+    assert {p.name for p in (tmp_path / "run/checkpoints/step00000004").iterdir()} >= {
+        "trainer_state_rank0.pt", "trainer_state_rank1.pt"}
+
+
+def test_bad_records_stop_or_are_skipped(tiny_paths, data, tmp_path):
+    records = json.loads(Path(data["stage2"]).read_text())
+    records[3]["conversation"][0]["content"] = "no image marker here"
+    records[3]["conversation"][0]["image_list"] = ["a.png"]
+    records[5] = {"conversation": []}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    common = ["--config", "configs/train/second_stage.yaml", *tiny_overrides(tiny_paths), *FAST,
+              f"data.train_path={bad}", f"data.image_dir={data['images']}", "model.checkpoint=",
+              "train.micro_batch_size=2", "train.global_batch_size=2", "train.max_steps=2",
+              "model.gradient_checkpointing=false"]
+    failed = train_module(common[1], common[2:] + ["data.on_bad_record=error", f"train.output_dir={tmp_path / 'a'}"],
+                          expect_ok=False)
+    assert failed.returncode != 0 and "bad.json record 3" in failed.stderr
+    assert not (tmp_path / "a/metrics.jsonl").exists()  # stopped before training
+    ok = train_module(common[1], common[2:] + [f"train.output_dir={tmp_path / 'b'}"])
+    assert "skipped 2 bad record(s)" in ok.stderr and "record 3" in ok.stderr and "record 5" in ok.stderr
+    assert sorted(metrics(tmp_path / "b")) == [1, 2]
+
+
+def test_batch_arithmetic_and_engine_config():
+    config = load_config(ROOT / "configs/train/first_stage.yaml")
+    plan = make_plan(config, world_size=8, samples_per_epoch=10_000_000)
+    assert (plan.micro_batch_size, plan.gradient_accumulation, plan.global_batch_size) == (16, 2, 256)
+    assert plan.total_steps == 78_125  # 2 epochs x 10M samples / 256
+    engine = engine_config(config, plan, on_gpu=True)
+    assert engine["train_batch_size"] == 256 and engine["gradient_accumulation_steps"] == 2
+    assert engine["optimizer"]["params"] == {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.001}
+    assert engine["gradient_clipping"] == 1.0 and engine["bf16"]["enabled"] and engine["zero_optimization"]["stage"] == 2
+    second = load_config(ROOT / "configs/train/second_stage.yaml")
+    plan = make_plan(second, world_size=8, samples_per_epoch=25_000)
+    assert (plan.micro_batch_size, plan.gradient_accumulation) == (1, 8)
+    engine = engine_config(second, plan, on_gpu=True)
+    assert engine["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert second.optim.lr == 1e-5 and second.optim.warmup_steps == 100 and second.train.epochs == 3
+    with pytest.raises(ValueError, match="not a multiple"):
+        make_plan(config, world_size=3, samples_per_epoch=100)
