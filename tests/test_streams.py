@@ -9,6 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from textbind.data.conversation import load_conversations
 from textbind.data.sequence import ConversationEncoder
 from textbind.data.streams import (
     Stage1Source,
@@ -18,7 +19,6 @@ from textbind.data.streams import (
     TrainStream,
     caption_conversation,
 )
-from textbind.data.conversation import load_conversations
 from textbind.toy.datagen import write_stage1_shards, write_stage2_json
 
 

@@ -30,7 +30,9 @@ def run(command: list[str], env: dict[str, str], expect_ok: bool = True) -> subp
     full_env = {**os.environ, "MASTER_PORT": free_port(), "PYTHONUNBUFFERED": "1", **env}
     result = subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -166,7 +168,8 @@ def test_batch_arithmetic_and_engine_config():
     engine = engine_config(config, plan, on_gpu=True)
     assert engine["train_batch_size"] == 256 and engine["gradient_accumulation_steps"] == 2
     assert engine["optimizer"]["params"] == {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.001}
-    assert engine["gradient_clipping"] == 1.0 and engine["bf16"]["enabled"] and engine["zero_optimization"]["stage"] == 2
+    assert engine["gradient_clipping"] == 1.0 and engine["bf16"]["enabled"]
+    assert engine["zero_optimization"]["stage"] == 2
     second = load_config(ROOT / "configs/train/second_stage.yaml")
     plan = make_plan(second, world_size=8, samples_per_epoch=25_000)
     assert (plan.micro_batch_size, plan.gradient_accumulation) == (1, 8)
