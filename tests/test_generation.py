@@ -12,7 +12,7 @@ from PIL import Image
 from textbind import END_TOKEN, IMAGE_TOKEN, START_TOKEN
 from textbind.config import MODULE_NAMES, ModelConfig
 from textbind.data.collate import collate
-from textbind.data.conversation import DataError
+from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.data.samples import pixel_values_for, prepare_sample
 from textbind.data.sequence import ConversationEncoder
 from textbind.generation import (
@@ -253,6 +253,25 @@ def test_max_images_zero_suppresses_start(trained, image_dir, green_image) -> No
     assert decoder.calls == [] and done.turn.image_list == [] and IMAGE_TOKEN not in done.turn.content
 
 
+
+def test_the_answer_is_the_training_sequence_and_can_be_fed_back(trained, image_dir, green_image) -> None:
+    generator = InterleavedGenerator.from_bundle(trained, RecordingDecoder(green_image))
+    prompt = prompt_of(image_dir)
+    done = generator.generate(prompt, GenerationConfig(max_new_tokens=60))
+    history = Conversation([*prompt.turns, done.turn], image_dir=str(image_dir))
+    # What generation left in the context is the main sequence training builds from the finished turn.
+    encoder = ConversationEncoder(trained.tokenizer, trained.model.num_query_tokens, max_length=768)
+    training = encoder.encode(history)
+    prompt_ids = encoder.encode(prompt, for_inference=True).input_ids
+    context, _ = full_context(prompt_ids, done.token_ids, trained.tokenizer, trained.model.num_query_tokens, True)
+    assert context == training.input_ids[: training.main_length]
+
+    follow_up = Conversation([*history.turns, Turn("user", "Make it blue.")], image_dir=str(image_dir))
+    assert generator.generate(follow_up, GenerationConfig(max_new_tokens=3)).token_ids
+    unrendered = InterleavedGenerator.from_bundle(trained).generate_turn(prompt, GenerationConfig(max_new_tokens=30))
+    with pytest.raises(DataError, match="never rendered"):
+        generator.generate(Conversation([*prompt.turns, unrendered, Turn("user", "More.")], image_dir=str(image_dir)))
+
 @pytest.fixture(scope="module")
 def tiny_sdxl_decoder(tmp_path_factory):
     from textbind.image_decoder import SDXLDecoder
@@ -286,7 +305,7 @@ def schedule_of(bundle: ModelBundle, *pieces: str | int) -> list[int]:
 
 
 def test_decoder_is_called_once_per_caption_and_max_images_is_honoured(bundle, image_dir, green_image) -> None:
-    _, start, end = special_ids(bundle.tokenizer)
+    image_id, start, end = special_ids(bundle.tokenizer)
     eos = bundle.tokenizer.eos_token_id
     schedule = schedule_of(bundle, "Here", start, "a red block", end, "and", start, "blue", end,
                            start, "green", end, "bye", eos)
@@ -301,7 +320,7 @@ def test_decoder_is_called_once_per_caption_and_max_images_is_honoured(bundle, i
     assert done.turn.content.count(IMAGE_TOKEN) == len(done.turn.image_list) == 2
     assert done.turn.content.startswith("Here <image> and <image>")
     assert done.token_ids.count(start) == 2  # the third <start> was masked
-    assert all(token not in done.token_ids for token in special_ids(bundle.tokenizer)[:1])  # never <image>
+    assert image_id not in done.token_ids
 
 
 def test_long_captions_are_capped_and_budget_ends_inside_a_caption(bundle, green_image) -> None:
@@ -401,6 +420,7 @@ def test_join_segments() -> None:
     assert join_segments(["A red block.", " Do you like it?"]) == "A red block. <image> Do you like it?"
     assert join_segments(["", "and", ""]) == "<image> and <image>"
     assert join_segments(["only text "]) == "only text"
+    assert join_segments(["spelt <image> out"]) == "spelt  out"
 
 
 def test_context_limit_and_long_prompts(bundle) -> None:

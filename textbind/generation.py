@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from textbind import END_TOKEN, IMAGE_TOKEN, START_TOKEN
-from textbind.data.conversation import Conversation, Turn
+from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.data.samples import pixel_values_for
 from textbind.data.sequence import ConversationEncoder
 from textbind.image_decoder import ImageDecoder
@@ -165,11 +165,15 @@ class IncrementalDetokenizer:
 
 
 def join_segments(segments: list[str]) -> str:
-    """Text segments around images -> turn content with one `<image>` marker between neighbours."""
+    """Text segments around images -> turn content with one `<image>` marker between neighbours.
+
+    A marker the model spelt out as text is dropped, so that markers and images always match.
+    """
     parts = []
     for index, segment in enumerate(segments):
-        if segment.strip():
-            parts.append(segment.strip())
+        text = segment.replace(IMAGE_TOKEN, "").strip()
+        if text:
+            parts.append(text)
         if index < len(segments) - 1:
             parts.append(IMAGE_TOKEN)
     return " ".join(parts)
@@ -214,27 +218,26 @@ class InterleavedGenerator:
         self.start_token_id = tokenizer.convert_tokens_to_ids(START_TOKEN)
         self.end_token_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
         self.eos_token_id = tokenizer.eos_token_id
-        vocabulary_size = model.language_model.get_output_embeddings().weight.shape[0]
-        self._masks = {
-            (in_caption, start_allowed): self._control_mask(vocabulary_size, in_caption, start_allowed)
-            for in_caption in (False, True)
-            for start_allowed in (False, True)
-        }
 
     @classmethod
     def from_bundle(cls, bundle: Any, image_decoder: ImageDecoder | None = None, **kwargs: Any) -> InterleavedGenerator:
         """From a `textbind.model.builder.ModelBundle`."""
         return cls(bundle.model, bundle.tokenizer, bundle.image_processor, image_decoder, **kwargs)
 
-    def _control_mask(self, vocabulary_size: int, in_caption: bool, start_allowed: bool) -> torch.Tensor:
-        """(V,) bool: the tokens that may not be sampled in this state."""
-        masked = [self.image_token_id]
-        masked += [self.start_token_id, self.eos_token_id] if in_caption else [self.end_token_id]
-        if not start_allowed:
-            masked.append(self.start_token_id)
-        mask = torch.zeros(vocabulary_size, dtype=torch.bool)
-        mask[masked] = True
-        return mask.to(self.model.device)
+    def _control_masks(self) -> dict[tuple[bool, bool], torch.Tensor]:
+        """(in a caption, `<start>` allowed) -> (V,) bool mask of the tokens that may not be sampled."""
+        vocabulary_size = self.model.language_model.get_output_embeddings().weight.shape[0]
+        masks = {}
+        for in_caption in (False, True):
+            for start_allowed in (False, True):
+                masked = [self.image_token_id]
+                masked += [self.start_token_id, self.eos_token_id] if in_caption else [self.end_token_id]
+                if not start_allowed:
+                    masked.append(self.start_token_id)
+                mask = torch.zeros(vocabulary_size, dtype=torch.bool)
+                mask[masked] = True
+                masks[(in_caption, start_allowed)] = mask.to(self.model.device)
+        return masks
 
     def _forward(
         self, input_ids: torch.Tensor, start: int, cache: Any, image_embeds: torch.Tensor | None = None,
@@ -273,7 +276,9 @@ class InterleavedGenerator:
     ) -> Iterator[GenerationEvent]:
         """Generate the assistant turn answering `conversation` (which ends with a user turn), as events.
 
-        Raises DataError for a prompt longer than `max_length` or an unreadable prompt image.
+        Raises DataError when markers and images disagree, the prompt is longer than `max_length`, or
+        an image cannot be read (or was never rendered: None in an earlier assistant turn). Files are
+        checked as they are read; `validate_conversation` gives fuller messages for stored records.
         """
         config = (config or GenerationConfig()).validate()
         model = self.model
@@ -288,7 +293,13 @@ class InterleavedGenerator:
             else:
                 generator.manual_seed(config.seed)
 
+        if any(image is None for turn in conversation.turns for image in turn.image_list):
+            raise DataError(
+                f"{conversation.source}: an earlier assistant image was never rendered (None in image_list); "
+                "render it or remove its marker before generating the next turn"
+            )
         encoded = self.encoder.encode(conversation, for_inference=True)
+        masks = self._control_masks()
         pixel_values = None
         if encoded.images:
             pixel_values = pixel_values_for(encoded.images, self.image_processor, conversation.source).to(device)
@@ -309,7 +320,7 @@ class InterleavedGenerator:
             if logits_processor is not None:
                 logits = logits_processor(token_ids, logits)
             in_caption = caption_start is not None
-            mask = self._masks[(in_caption, len(images) < config.max_images)]
+            mask = masks[(in_caption, len(images) < config.max_images)]
             token = sample_next_token(logits.masked_fill(mask, float("-inf")), config, generator)  # (1,)
             token_id = int(token)  # the one host sync per step: control flow and text need the id
             token_ids.append(token_id)
