@@ -6,7 +6,7 @@
 # SD_BASE="" skips rendering (captions are still reported); CHECKPOINT="" runs the base weights.
 set -euo pipefail
 
-CONFIG=${CONFIG:-configs/model/llama2_7b.yaml}
+CONFIG=${CONFIG:-$(dirname "$0")/../configs/model/llama2_7b.yaml}
 CHECKPOINT=${CHECKPOINT-./checkpoint/second_stage_model.pt}
 VISION_MODEL=${VISION_MODEL:-./checkpoint/blip2_vision_model}
 LANGUAGE_MODEL=${LANGUAGE_MODEL:-./checkpoint/Llama-2-7b-chat-hf}

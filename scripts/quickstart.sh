@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The embedded default, on a laptop CPU: build the toy shapes world and a small random model, train
+# stage 1 and stage 2 through scripts/run_first_stage.sh and scripts/run_second_stage.sh, evaluate on
+# held-out data (runs/quickstart/eval.json), then chat with the result in the browser demo.
+#   bash scripts/quickstart.sh [--no-demo] [extra overrides for both stages, e.g. train.max_steps=50]
+# Variables: OUT, DATA, MODEL_DIR, SEED, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT, STAGE1_SAMPLES,
+# STAGE2_CONVERSATIONS, EVAL_ITEMS, HOST, PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEMO=1
+ARGS=()
+for arg in "$@"; do
+  if [[ "$arg" == "--no-demo" ]]; then DEMO=0; else ARGS+=("$arg"); fi
+done
+OUT=${OUT:-runs/quickstart}
+DATA=${DATA:-data/toy}
+MODEL_DIR=${MODEL_DIR:-checkpoint/toy}
+SEED=${SEED:-0}
+STAGE1_SAMPLES=${STAGE1_SAMPLES:-20000}
+STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-5000}
+EVAL_ITEMS=${EVAL_ITEMS:-200}
+EVAL_LIMIT=${EVAL_LIMIT:-0}
+STAGE1_STEPS=${STAGE1_STEPS:-0}
+STAGE2_STEPS=${STAGE2_STEPS:-0}
+export NUM_GPUS=${NUM_GPUS:-1} MASTER_PORT=${MASTER_PORT:-29517}
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+echo "== toy data and a small random model"
+python3 -m textbind.toy.datagen --out "$DATA" --seed "$SEED" --stage1-samples "$STAGE1_SAMPLES" \
+  --samples-per-shard 1000 --stage2-conversations "$STAGE2_CONVERSATIONS" \
+  --eval-describe "$EVAL_ITEMS" --eval-draw "$EVAL_ITEMS"
+python3 -m textbind.toy.build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
+SHARDS=$(python3 -c "import sys; n=len(__import__('glob').glob(sys.argv[1] + '/stage1/*.tar')); print(f'{sys.argv[1]}/stage1/{{00000..{n - 1:05d}}}.tar')" "$DATA")
+MODEL_ENV=(VISION_MODEL="$MODEL_DIR/blip2_vision_model" LANGUAGE_MODEL="$MODEL_DIR/llama" PROCESSOR="$MODEL_DIR/processor")
+started=$(date +%s.%N)
+
+echo "== stage 1: alignment on image-caption shards"
+env "${MODEL_ENV[@]}" CONFIG=configs/toy/first_stage.yaml TRAIN_DATA_PATH="$SHARDS" \
+  CHECKPOINT="$MODEL_DIR/blip2_qformer.safetensors" OUTPUT_DIR="$OUT/first_stage" \
+  bash scripts/run_first_stage.sh train.resume=never train.max_steps="$STAGE1_STEPS" train.seed="$SEED" \
+  data.samples_per_epoch="$STAGE1_SAMPLES" ${ARGS[@]+"${ARGS[@]}"}
+
+echo "== stage 2: instruction following on conversations"
+env "${MODEL_ENV[@]}" CONFIG=configs/toy/second_stage.yaml TRAIN_DATA_PATH="$DATA/stage2/train.json" \
+  IMAGE_DIR="$DATA/stage2/images" CHECKPOINT="$OUT/first_stage/first_stage_model" \
+  QFORMER="$MODEL_DIR/blip2_qformer.safetensors" OUTPUT_DIR="$OUT/second_stage" \
+  bash scripts/run_second_stage.sh train.resume=never train.max_steps="$STAGE2_STEPS" train.seed="$SEED" \
+  ${ARGS[@]+"${ARGS[@]}"}
+train_seconds=$(python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$started")
+
+echo "== held-out evaluation"
+python3 -m textbind.toy.evaluate --config configs/toy/model.yaml --checkpoint "$OUT/second_stage/second_stage_model" \
+  --eval-dir "$DATA/eval" --out "$OUT/eval.json" --limit "$EVAL_LIMIT" --train-seconds "$train_seconds" \
+  model.vision_model="$MODEL_DIR/blip2_vision_model" model.qformer="$MODEL_DIR/blip2_qformer.safetensors" \
+  model.language_model="$MODEL_DIR/llama" model.processor="$MODEL_DIR/processor"
+echo "wrote $OUT/eval.json"
+
+if [[ $DEMO == 1 ]]; then
+  echo "== demo (Ctrl-C to stop)"
+  env "${MODEL_ENV[@]}" CHECKPOINT="$OUT/second_stage/second_stage_model" QFORMER="$MODEL_DIR/blip2_qformer.safetensors" \
+    IMAGE_DECODER=toy bash scripts/run_demo.sh
+fi
