@@ -81,6 +81,12 @@ class OptimConfig:
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.0
     gradient_clipping: float = 1.0
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # per top-level module, e.g. {vision_model: 3}
+
+    def validate(self) -> None:
+        unknown = [name for name in self.lr_multipliers if name not in MODULE_NAMES]
+        if unknown:
+            raise ConfigError(f"optim.lr_multipliers: unknown module(s) {unknown}; choose from {list(MODULE_NAMES)}")
 
 
 @dataclass
@@ -116,6 +122,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         self.model.validate()
         self.data.validate()
+        self.optim.validate()
         return self
 
 
@@ -127,6 +134,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, options[0], where)
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(annotation)
+        return {str(key): _coerce(item, value_type, f"{where}.{key}") for key, item in value.items()}
     if origin in (list, tuple):
         (item_type, *_) = typing.get_args(annotation) or (Any,)
         if isinstance(value, str):

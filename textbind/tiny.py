@@ -59,6 +59,9 @@ class TinySizes:
     llm_kv_heads: int = 2
     llm_intermediate: int = 128
     vocab_size: int = 600
+    # Weight init of the vision encoder and Q-Former. BLIP-2's 0.02 suits width 768+; at small widths the
+    # Q-Former then barely depends on the image at first, and learning to see takes far longer.
+    blip2_initializer_range: float = 0.02
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> LlamaTokenizer:
@@ -103,7 +106,7 @@ def build_tiny_pretrained(
             num_attention_heads=4,
             image_size=sizes.image_size,
             patch_size=sizes.patch_size,
-            initializer_range=0.02,  # the default (1e-10) gives a blind random encoder
+            initializer_range=sizes.blip2_initializer_range,  # the default (1e-10) gives a blind encoder
         ),
         qformer_config=dict(
             hidden_size=sizes.qformer_hidden,
@@ -112,16 +115,18 @@ def build_tiny_pretrained(
             intermediate_size=sizes.qformer_hidden * 2,
             encoder_hidden_size=sizes.vision_hidden,
             cross_attention_frequency=1,
+            initializer_range=sizes.blip2_initializer_range,
         ),
         text_config=OPTConfig(
             hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, vocab_size=64,
             word_embed_proj_dim=16,
         ).to_dict(),
         num_query_tokens=sizes.num_query_tokens,
+        initializer_range=sizes.blip2_initializer_range,
     )
     blip2 = Blip2ForConditionalGeneration(blip2_config).eval()
     with torch.no_grad():
-        blip2.query_tokens.normal_(0.0, 0.02)
+        blip2.query_tokens.normal_(0.0, sizes.blip2_initializer_range)
     with tempfile.TemporaryDirectory() as scratch:
         blip2.save_pretrained(scratch)
         vision_dir, qformer_file = prepare_blip2(scratch, output)

@@ -128,6 +128,15 @@ def engine_config(config: RunConfig, plan: Plan, on_gpu: bool) -> dict[str, Any]
     return engine
 
 
+def lr_groups(model: MIMModel, lr: float, multipliers: dict[str, float]) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by learning rate (lr x the multiplier of their top-level module)."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault(lr * multipliers.get(name.split(".")[0], 1.0), []).append(parameter)
+    return [{"params": parameters, "lr": group_lr} for group_lr, parameters in groups.items()]
+
+
 def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -359,9 +368,10 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
     if rank == 0:
         logger.info("training %s: %.2fM parameters", model.trainable_module_names(),
                     sum(p.numel() for p in trainable) / 1e6)
+    parameter_groups = lr_groups(model, config.optim.lr, config.optim.lr_multipliers)
     schedule = cosine_schedule(config.optim.warmup_steps, plan.total_steps, config.optim.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=engine_config(config, plan, device.type == "cuda"),
+        model=model, model_parameters=parameter_groups, config=engine_config(config, plan, device.type == "cuda"),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
 
@@ -385,7 +395,7 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
     loader = StreamLoader(stream, config.data.num_workers)
     metrics = MetricsLog(config, output_dir, start_step, enabled=rank == 0)
     progress = tqdm(total=plan.total_steps, initial=start_step, disable=rank != 0, desc=f"stage {config.data.stage}",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     samples_log = None
     if config.train.record_samples:
         (output_dir / "samples").mkdir(exist_ok=True)

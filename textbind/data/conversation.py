@@ -113,7 +113,7 @@ def validate_conversation(
             )
         if turn.role == "system" and turn.image_list:
             raise DataError(f"{where}: a system turn cannot hold images")
-        if turn.role == "assistant":
+        if turn.role == "assistant" and not for_inference:  # history images need no caption
             if len(turn.caption_list) < len(turn.image_list) or any(
                 not caption.strip() for caption in turn.caption_list[: len(turn.image_list)]
             ):

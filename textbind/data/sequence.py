@@ -49,7 +49,8 @@ class _Piece:
 
     ids: list[int]
     supervised: bool  # the tokens are assistant output: each is predicted by the token before it
-    image: Any = None  # set for an image's run of Q tokens
+    is_image: bool = False  # an image's run of Q tokens
+    image: Any = None  # the image (path or PIL image) of such a run
     caption: str | None = None  # set for an assistant image: its branch's caption
 
 
@@ -84,7 +85,9 @@ class ConversationEncoder:
                 pieces.append(_Piece(ids, supervised))
             if index < len(images):
                 caption = captions[index] if captions is not None else None
-                pieces.append(_Piece([self.image_token_id] * self.num_query_tokens, False, images[index], caption))
+                if images[index] is None:
+                    raise DataError(f"{where}: image {index} is missing (None)")
+                pieces.append(_Piece([self.image_token_id] * self.num_query_tokens, False, True, images[index], caption))
         return pieces
 
     def _pieces(self, conversation: Conversation, for_inference: bool) -> list[_Piece]:
@@ -116,7 +119,7 @@ class ConversationEncoder:
         supervised: list[bool] = []
         image_starts: list[tuple[int, _Piece]] = []
         for piece in pieces:
-            if piece.image is not None:
+            if piece.is_image:
                 image_starts.append((len(input_ids), piece))
             input_ids += piece.ids
             supervised += [piece.supervised] * len(piece.ids)

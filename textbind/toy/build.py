@@ -25,6 +25,7 @@ TOY_SIZES = TinySizes(
     llm_kv_heads=2,
     llm_intermediate=512,
     vocab_size=700,
+    blip2_initializer_range=0.1,  # about 1 / sqrt(width): the image reaches the language model from the start
 )
 
 

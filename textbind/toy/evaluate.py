@@ -1,6 +1,6 @@
 """Held-out evaluation of a toy-world model: does it describe unseen images and draw what was asked?
 
-    python -m textbind.toy.evaluate --config configs/toy/model.yaml --checkpoint runs/quickstart/second_stage/second_stage_model \
+    python -m textbind.toy.evaluate --checkpoint runs/quickstart/second_stage/second_stage_model \
         --eval-dir data/toy/eval --out runs/quickstart/eval.json
 
 - `caption_attribute_accuracy`: share of held-out images whose generated description names every

@@ -1,0 +1,140 @@
+"""Helpers for the demo tests: a tiny model that draws and tells colours apart, a demo server process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from textbind.config import MODULE_NAMES, ModelConfig
+from textbind.data.collate import collate
+from textbind.data.conversation import Conversation, Turn
+from textbind.data.samples import prepare_sample
+from textbind.data.sequence import ConversationEncoder
+from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.toy.renderer import ToyRenderer
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+DRAW_PROMPT = "Draw a small red circle."
+DRAW_ANSWER = "Here it is: <image>"
+DRAW_CAPTION = "a small red circle"
+DESCRIBE_PROMPT = "What do you see?"
+# caption of an uploaded image -> what the trained model answers about it
+DESCRIPTIONS = {
+    "a small red circle": "I see a small red circle.",
+    "a large blue square": "I see a large blue square.",
+}
+
+
+def toy_image(caption: str):
+    return ToyRenderer()(caption, seed=0)
+
+
+def training_conversations() -> list[Conversation]:
+    conversations = [
+        Conversation([
+            Turn("user", DRAW_PROMPT),
+            Turn("assistant", DRAW_ANSWER, [toy_image(DRAW_CAPTION)], [DRAW_CAPTION]),
+        ])
+    ]
+    for caption, answer in DESCRIPTIONS.items():
+        conversations.append(Conversation([
+            Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)]),
+            Turn("assistant", answer),
+        ]))
+    return conversations
+
+
+def train_demo_checkpoint(model_config: ModelConfig, output_dir: Path, steps: int = 80) -> Path:
+    """Overfit the tiny model (every module, Adam) on `training_conversations`; export it to `output_dir`.
+
+    Greedy decoding then draws on DRAW_PROMPT and names the colour of an uploaded image (checked
+    here, so that a model that failed to learn fails loudly, not as a confusing browser test).
+    """
+    from textbind.checkpoint import save_trained_modules
+    from textbind.model.builder import build_model
+    from textbind.train import compute_loss
+
+    torch.manual_seed(0)
+    bundle = build_model(replace(model_config, trainable=list(MODULE_NAMES)))
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens, max_length=256)
+    batch = collate([prepare_sample(c, encoder, bundle.image_processor) for c in training_conversations()],
+                    bundle.tokenizer.pad_token_id)
+    optimizer = torch.optim.Adam(bundle.model.parameters(), lr=3e-3)
+    bundle.model.train()
+    for _ in range(steps):
+        loss = compute_loss(bundle.model, batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    bundle.model.eval().requires_grad_(False)
+    generator = InterleavedGenerator.from_bundle(bundle, ToyRenderer())
+    config = GenerationConfig(max_new_tokens=24)
+    answers = {}
+    for caption in DESCRIPTIONS:
+        prompt = Conversation([Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)])])
+        answers[caption] = generator.generate_turn(prompt, config).content
+    drawn = generator.generate_turn(Conversation([Turn("user", DRAW_PROMPT)]), config)
+    assert answers == DESCRIPTIONS and drawn.caption_list == [DRAW_CAPTION], (answers, drawn, float(loss))
+    return save_trained_modules(bundle.model, output_dir, module_names=list(MODULE_NAMES))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def demo_server(env: dict[str, str], arguments: list[str], log_path: Path, timeout: float = 90.0) -> Iterator[str]:
+    """`bash scripts/run_demo.sh ARGUMENTS` with `env` added, in its own process group; yields its URL.
+
+    The server is always torn down (SIGTERM to the group, SIGKILL after 10 s); its output goes to
+    `log_path`, quoted in the error if it does not come up within `timeout` seconds.
+    """
+    port = env["PORT"]
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["bash", "scripts/run_demo.sh", *arguments], cwd=REPOSITORY, env={**os.environ, **env},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"demo server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"demo server not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(0.25)
+            yield url
+        finally:
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
