@@ -41,17 +41,13 @@ def toy_image(caption: str):
 
 
 def training_conversations() -> list[Conversation]:
-    conversations = [
-        Conversation([
-            Turn("user", DRAW_PROMPT),
-            Turn("assistant", DRAW_ANSWER, [toy_image(DRAW_CAPTION)], [DRAW_CAPTION]),
-        ])
-    ]
+    """Draw on request; name an uploaded image's colour; and both in one conversation (describe, then draw)."""
+    drawing = [Turn("user", DRAW_PROMPT), Turn("assistant", DRAW_ANSWER, [toy_image(DRAW_CAPTION)], [DRAW_CAPTION])]
+    conversations = [Conversation(drawing)]
     for caption, answer in DESCRIPTIONS.items():
-        conversations.append(Conversation([
-            Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)]),
-            Turn("assistant", answer),
-        ]))
+        describing = [Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)]), Turn("assistant", answer)]
+        conversations.append(Conversation(describing))
+        conversations.append(Conversation(describing + drawing))
     return conversations
 
 
@@ -80,12 +76,15 @@ def train_demo_checkpoint(model_config: ModelConfig, output_dir: Path, steps: in
     bundle.model.eval().requires_grad_(False)
     generator = InterleavedGenerator.from_bundle(bundle, ToyRenderer())
     config = GenerationConfig(max_new_tokens=24)
-    answers = {}
+    answers, drawn = {}, []
     for caption in DESCRIPTIONS:
-        prompt = Conversation([Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)])])
-        answers[caption] = generator.generate_turn(prompt, config).content
-    drawn = generator.generate_turn(Conversation([Turn("user", DRAW_PROMPT)]), config)
-    assert answers == DESCRIPTIONS and drawn.caption_list == [DRAW_CAPTION], (answers, drawn, float(loss))
+        described = [Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)])]
+        turn = generator.generate_turn(Conversation(described), config)
+        answers[caption] = turn.content
+        drawn.append(generator.generate_turn(Conversation([*described, turn, Turn("user", DRAW_PROMPT)]), config))
+    drawn.append(generator.generate_turn(Conversation([Turn("user", DRAW_PROMPT)]), config))
+    learnt = answers == DESCRIPTIONS and all(turn.caption_list == [DRAW_CAPTION] for turn in drawn)
+    assert learnt, (answers, drawn, float(loss))
     return save_trained_modules(bundle.model, output_dir, module_names=list(MODULE_NAMES))
 
 

@@ -62,6 +62,8 @@ class TinySizes:
     # Weight init of the vision encoder and Q-Former. BLIP-2's 0.02 suits width 768+; at small widths the
     # Q-Former then barely depends on the image at first, and learning to see takes far longer.
     blip2_initializer_range: float = 0.02
+    # Q-Former dropout (hidden and attention); BLIP-2's 0.1. Small models learning from scratch do better without.
+    qformer_dropout: float = 0.1
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> LlamaTokenizer:
@@ -116,6 +118,8 @@ def build_tiny_pretrained(
             encoder_hidden_size=sizes.vision_hidden,
             cross_attention_frequency=1,
             initializer_range=sizes.blip2_initializer_range,
+            hidden_dropout_prob=sizes.qformer_dropout,
+            attention_probs_dropout_prob=sizes.qformer_dropout,
         ),
         text_config=OPTConfig(
             hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, vocab_size=64,

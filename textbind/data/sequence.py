@@ -87,7 +87,8 @@ class ConversationEncoder:
                 caption = captions[index] if captions is not None else None
                 if images[index] is None:
                     raise DataError(f"{where}: image {index} is missing (None)")
-                pieces.append(_Piece([self.image_token_id] * self.num_query_tokens, False, True, images[index], caption))
+                image_ids = [self.image_token_id] * self.num_query_tokens
+                pieces.append(_Piece(image_ids, False, True, images[index], caption))
         return pieces
 
     def _pieces(self, conversation: Conversation, for_inference: bool) -> list[_Piece]:

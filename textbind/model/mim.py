@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from textbind.config import MODULE_NAMES
 
@@ -16,13 +17,21 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class MIMOutput:
-    """What `MIMModel.forward` returns in every mode; `loss` is None without targets."""
+class MIMOutput(ModelOutput):
+    """What `MIMModel.forward` returns in every mode; `loss` is None without targets.
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None  # (B, L, V); None when only the loss was asked for
-    past_key_values: Any = None
-    num_target_tokens: int = 0
+    A ModelOutput (a dict underneath) so that DeepSpeed ZeRO-3 finds the output tensors and hooks the
+    backward pass, re-gathering the model's own partitioned parameters (`query_tokens`).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, L, V); None when only the loss was asked for
+    cache: Any = None  # the KV cache with use_cache=True
+    num_target_tokens: int | None = None  # supervised positions (0 without targets)
+
+    @property
+    def past_key_values(self) -> Any:
+        return self.cache
 
 
 class MIMModel(nn.Module):
@@ -42,6 +51,8 @@ class MIMModel(nn.Module):
         super().__init__()
         self.vision_model = vision_model
         self.query_tokens = nn.Parameter(query_tokens.detach().clone())
+        # kept as a number: ZeRO-3 partitions parameters, leaving them shapeless outside forward
+        self._num_query_tokens = int(query_tokens.shape[1])
         self.qformer = qformer
         qformer_hidden = self.query_tokens.shape[-1]
         llm_hidden = language_model.get_input_embeddings().weight.shape[1]
@@ -54,7 +65,7 @@ class MIMModel(nn.Module):
 
     @property
     def num_query_tokens(self) -> int:
-        return self.query_tokens.shape[1]
+        return self._num_query_tokens
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,6 +174,6 @@ class MIMModel(nn.Module):
         return MIMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=getattr(outputs, self._cache_argument) if use_cache else None,
+            cache=getattr(outputs, self._cache_argument) if use_cache else None,
             num_target_tokens=num_target_tokens,
         )
