@@ -337,15 +337,18 @@ def test_browser_chat_with_uploads_streaming_and_drawing(server, images, tmp_pat
             textarea.fill(DRAW_PROMPT)
             textarea.press("Enter")
             expect(chatbot.get_by_text("Here it is:")).to_be_visible()
-            drawn = chatbot.locator(f"img[alt='{DRAW_CAPTION}']")
-            expect(drawn).to_have_count(1)
+            in_chat = chatbot.locator("img")
+            expect(in_chat).to_have_count(2)  # the upload and the drawing
+            drawn = in_chat.nth(1)
             expect(ready).to_be_visible()
-            assert page.evaluate("image => image.naturalWidth", drawn.element_handle()) == 64
+            assert drawn.evaluate("image => image.naturalWidth") == 64  # the toy renderer's canvas
+            assert "/gradio_api/file=" in drawn.get_attribute("src")
 
             first_file = drawn.get_attribute("src")
             page.locator("#retry").click()  # the answer is generated again (a new file) and replaces the old one
             expect(drawn).not_to_have_attribute("src", first_file)
-            expect(drawn).to_have_count(1)
+            expect(in_chat).to_have_count(2)
+            expect(chatbot.get_by_text("Here it is:")).to_have_count(1)
             expect(ready).to_be_visible()
             time.sleep(0.5)  # let the image finish painting for the screenshot
             page.screenshot(path=str(screenshot), full_page=True)

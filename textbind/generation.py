@@ -252,6 +252,7 @@ class InterleavedGenerator:
             image_embeds=image_embeds,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
         return output.logits[0, -1], output.past_key_values
 

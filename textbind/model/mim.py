@@ -141,6 +141,7 @@ class MIMModel(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         return_logits: bool = True,
+        logits_to_keep: int = 0,  # > 0: logits of the last k positions only (decoding needs one)
     ) -> MIMOutput:
         if pixel_values is not None and image_embeds is None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values)
@@ -154,7 +155,9 @@ class MIMModel(nn.Module):
         )
         hidden_states = outputs.last_hidden_state  # (B, L, D)
         lm_head = self.language_model.get_output_embeddings()
-        logits = lm_head(hidden_states) if return_logits else None
+        logits = None
+        if return_logits:
+            logits = lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         loss = None
         num_target_tokens = 0
         if targets is not None:
@@ -162,7 +165,7 @@ class MIMModel(nn.Module):
             # usual "label = next token" rule wrong at their boundaries.
             labelled = targets != IGNORE_INDEX
             num_target_tokens = int(labelled.sum())
-            if logits is not None:
+            if logits is not None and not logits_to_keep:
                 selected_logits = logits[labelled]
             else:
                 # Project only the positions that carry a target: most of a sequence has none.
