@@ -355,6 +355,15 @@ def test_browser_chat_with_uploads_streaming_and_drawing(server, images, tmp_pat
 
             page.locator("#clear").click()
             expect(chatbot.locator("img")).to_have_count(0)
+
+            # An example with earlier turns loads them as the conversation and its last message into the textbox.
+            page.get_by_text("Please change it to green.").click()
+            expect(chatbot.get_by_text("Paint a large orange circle.")).to_be_visible()
+            expect(chatbot.locator("img")).to_have_count(1)  # the example's drawing, made by the toy renderer
+            expect(textarea).to_have_value("Please change it to green.")
+            textarea.press("Enter")
+            expect(chatbot.get_by_text("Please change it to green.")).to_be_visible()
+            expect(ready).to_be_visible()
         finally:
             browser.close()
     artifacts = os.environ.get("TEXTBIND_ARTIFACTS")

@@ -37,16 +37,6 @@ TRAINED_ANSWER = "A red block. Here is a green one: <image> Do you like it?"
 TRAINED_CAPTION = "a green block"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine each threaded
-    kernel can wait milliseconds for the second core (measured: 8 ms per attention call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RecordingDecoder:
     """An image decoder that returns a fixed image and records every call."""
 

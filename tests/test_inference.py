@@ -22,16 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "model" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine each threaded
-    kernel can wait milliseconds for the second core (measured: 8 ms per attention call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained_checkpoint(model_config, image_dir, tmp_path_factory) -> str:
     """The tiny model trained on one conversation with an output image, exported like a real run."""

@@ -34,9 +34,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import gradio as gr
+from typing import TYPE_CHECKING, Any
 
 from textbind.serve.chat import (
     DECODING_CHOICES,
@@ -49,6 +47,9 @@ from textbind.serve.chat import (
     Example,
     load_examples,
 )
+
+if TYPE_CHECKING:  # Gradio takes seconds to import: `--help` and the argument helpers do without it
+    import gradio as gr
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def build_app(generator: Any, settings: DemoSettings) -> gr.Blocks:
 
     The returned Blocks carries the `DemoChat` as `demo.textbind_chat` (its output directory and lock).
     """
+    import gradio as gr
+
     chat = DemoChat(generator, settings)
     examples = load_examples(settings.examples_path, chat.output_dir) if settings.examples_path else []
     defaults = settings.generation
@@ -141,10 +144,14 @@ def build_app(generator: Any, settings: DemoSettings) -> gr.Blocks:
             return [], chat.clear(), gr.MultimodalTextbox(value=None, interactive=True)
 
         def ui_load_example(index: int) -> tuple:
+            # An example with earlier turns replaces the conversation; a one-message example only fills the textbox.
             example: Example = examples[index]
+            message = gr.MultimodalTextbox(value={"text": example.text, "files": example.files}, interactive=True)
+            if not example.history:
+                return gr.skip(), gr.skip(), message
             session = ChatSession(turns=list(example.history), messages=list(example.history_messages),
                                   exchanges=_exchanges_of(example.history_messages))
-            return session.messages, session, gr.MultimodalTextbox(value={"text": example.text, "files": example.files})
+            return session.messages, session, message
 
         # The API functions' parameter names and defaults are what gradio_client shows and accepts.
         def chat_endpoint(
