@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,70 @@ def test_examples_file_loads(tmp_path):
 @pytest.fixture(scope="module")
 def demo_checkpoint(model_config, tmp_path_factory) -> Path:
     return train_demo_checkpoint(model_config, tmp_path_factory.mktemp("demo") / "second_stage_model")
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(model_config, demo_checkpoint):
+    from textbind.model.builder import build_model
+
+    bundle = build_model(replace(model_config, checkpoint=str(demo_checkpoint), trainable=[]))
+    bundle.model.eval()
+    return bundle
+
+
+GREEDY = {"decoding": "greedy", "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "generate_images": True,
+          "seed": 0}
+
+
+def test_answers_stream_wait_for_the_model_and_retry(demo_bundle, tmp_path):
+    from textbind.generation import InterleavedGenerator
+    from textbind.serve.chat import DemoChat, DemoSettings
+    from textbind.toy.renderer import ToyRenderer
+
+    generator = InterleavedGenerator.from_bundle(demo_bundle, ToyRenderer())
+    chat = DemoChat(generator, DemoSettings(output_dir=str(tmp_path)))
+    updates = list(chat.submit(None, DRAW_PROMPT, [], GREEDY))
+    final = updates[-1]
+    assert final.result.text == DRAW_ANSWER and final.result.captions == [DRAW_CAPTION]
+    assert [message["role"] for message in final.messages] == ["user", "assistant", "assistant"]
+    assert final.messages[2]["content"] == {"path": final.result.image_paths[0], "alt_text": DRAW_CAPTION}
+    streamed = [update.messages[1]["content"] for update in updates[:-1] if len(update.messages) == 2]
+    assert len(streamed) >= 2 and all("Here it is:".startswith(text) for text in streamed)  # token by token
+    assert all(update.session is None for update in updates[:-1])  # only the finished answer is committed
+
+    # While another answer holds the model, a session says so, then answers.
+    chat.generation_lock.acquire()
+    waiting = chat.submit(final.session, DESCRIBE_PROMPT, [str(_saved(tmp_path, "a large blue square"))], GREEDY)
+    assert "Waiting for the model" in next(waiting).messages[-1]["content"]
+    chat.generation_lock.release()
+    second = list(waiting)[-1]
+    assert second.result.refused == "" and len(second.session.turns) == 4
+
+    # Retry replaces the last answer only: greedy decoding gives it again, as a new file.
+    again = list(chat.retry(second.session, GREEDY))[-1]
+    assert again.session.turns[:2] == second.session.turns[:2] and len(again.session.turns) == 4
+    assert again.result.text == second.result.text and again.session.exchanges == second.session.exchanges
+    assert [message["role"] for message in again.messages] == [message["role"] for message in second.messages]
+
+
+def test_answers_without_an_image_decoder(demo_bundle, tmp_path):
+    """The caption is shown as text, and the unrendered image leaves no marker in the history."""
+    from textbind.generation import InterleavedGenerator
+    from textbind.serve.chat import DemoChat, DemoSettings
+
+    chat = DemoChat(InterleavedGenerator.from_bundle(demo_bundle, None), DemoSettings(output_dir=str(tmp_path)))
+    final = list(chat.submit(None, DRAW_PROMPT, [], GREEDY))[-1]
+    assert final.result.image_paths == [] and final.result.captions == [] and IMAGE_TOKEN not in final.result.text
+    assert f"image not rendered: {DRAW_CAPTION}" in final.messages[2]["content"]
+    assert final.session.turns[1].image_list == []
+    follow_up = list(chat.submit(final.session, DRAW_PROMPT, [], GREEDY))[-1]
+    assert follow_up.result.refused == "" and len(follow_up.session.turns) == 4
+
+
+def _saved(directory: Path, caption: str) -> Path:
+    path = directory / f"{caption.replace(' ', '_')}.png"
+    toy_image(caption).save(path)
+    return path
 
 
 @pytest.fixture(scope="module")

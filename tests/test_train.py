@@ -94,6 +94,13 @@ def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
     assert sorted(json.loads((stage2 / "second_stage_model/textbind.json").read_text())["modules"]) == [
         "language_model", "qformer", "qformer_projection", "query_tokens"]
     assert final.model is not None
+    # validation loss through the script: the trained model fits its repeated data better than the start
+    result = run(["bash", "scripts/run_second_stage_val.sh", "model.dtype=float32", "train.micro_batch_size=2"],
+                 {**env, "VAL_DATA_PATH": data["small2"], "IMAGE_DIR": data["small_images"],
+                  "CHECKPOINT": str(stage2 / "second_stage_model"), "QFORMER": tiny_paths["qformer"]})
+    validation = json.loads(result.stdout.strip().splitlines()[-1])
+    assert validation["samples"] == 4 and validation["skipped"] == 0
+    assert validation["val_loss"] < losses[0] - 0.5, (validation, losses)
 
 
 def test_resume_is_exact(tiny_paths, data, tmp_path):
