@@ -12,6 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from textbind import IMAGE_TOKEN
+from textbind.data.conversation import Conversation, Turn
+from textbind.serve.chat import CONTROL_STRINGS, escape_control_text, user_content
+
 from demo_helpers import (
     DESCRIBE_PROMPT,
     DESCRIPTIONS,
@@ -24,11 +30,6 @@ from demo_helpers import (
     toy_image,
     train_demo_checkpoint,
 )
-from PIL import Image
-
-from textbind import IMAGE_TOKEN
-from textbind.data.conversation import Conversation, Turn
-from textbind.serve.chat import CONTROL_STRINGS, escape_control_text, user_content
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -73,11 +74,15 @@ def test_control_text_is_escaped_and_never_structure(tiny_paths):
 
 
 def test_command_line_defaults():
-    from textbind.serve.app import parse_arguments
+    from textbind.serve.app import parse_arguments, settings_from_arguments
 
     args = parse_arguments([])
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
-    assert (args.safe_word_num, args.safe_image_num, args.max_new_tokens) == (650, 4, 256)
+    assert (args.safe_word_num, args.safe_image_num, args.max_new_tokens, args.seed) == (650, 4, 256, -1)
+    settings = settings_from_arguments(args)
+    assert (settings.generation.seed, settings.generation.do_sample) == (None, False)
+    assert (settings.max_upload_bytes, settings.max_upload_pixels) == (10 << 20, 4096 * 4096)
+    assert Path(settings.examples_path).resolve() == REPOSITORY / "data/examples.json"
     assert args.image_decoder == "none"
     assert parse_arguments(["--listen"]).host == "0.0.0.0"
     assert parse_arguments(["--sd-base", "sdxl"]).image_decoder == "sdxl"
@@ -386,6 +391,7 @@ def test_browser_chat_with_uploads_streaming_and_drawing(server, images, tmp_pat
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 1200})
             page.set_default_timeout(30_000)
+            expect.set_options(timeout=30_000)  # assertions wait for answers from a loaded machine
             page.goto(server)
             chatbot, textarea = page.locator("#chatbot"), page.locator("#message textarea")
             ready = page.locator("#message textarea:not([disabled])")  # unlocked again once an answer is done

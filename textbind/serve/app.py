@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from textbind.generation import InterleavedGenerator
 from textbind.serve.chat import (
     DECODING_CHOICES,
     DECODING_GREEDY,
@@ -63,7 +64,7 @@ A conversation may hold up to {words} words and {images} images. Generated image
 """
 
 
-def build_app(generator: Any, settings: DemoSettings) -> gr.Blocks:
+def build_app(generator: InterleavedGenerator, settings: DemoSettings) -> gr.Blocks:
     """The demo's Blocks around `generator` (an `InterleavedGenerator` in eval mode); call `.queue()` and `.launch()`.
 
     The returned Blocks carries the `DemoChat` as `demo.textbind_chat` (its output directory and lock).
@@ -78,7 +79,8 @@ def build_app(generator: Any, settings: DemoSettings) -> gr.Blocks:
     with gr.Blocks(title=settings.title, analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"# {settings.title}\n" + DESCRIPTION.format(
             words=settings.safe_word_num, images=settings.safe_image_num))
-        session_state = gr.State(None)
+        # Gradio drops a tab's state when the tab closes; API clients' sessions expire after session_seconds.
+        session_state = gr.State(None, time_to_live=settings.session_seconds)
         chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=520, buttons=["copy"],
                              allow_tags=False, feedback_options=None)
         textbox = gr.MultimodalTextbox(
@@ -235,6 +237,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--max-upload-megabytes", type=float, default=10.0, help="largest accepted image file")
     demo.add_argument("--max-upload-pixels", type=int, default=4096 * 4096,
                       help="largest accepted image (width x height)")
+    demo.add_argument("--session-hours", type=float, default=6.0,
+                      help="forget a conversation this long after its last message (API clients never close tabs)")
     demo.add_argument("--output-dir", default="", help="keep generated images here (default: a temporary directory)")
     demo.add_argument("--system", default="", help="a system prompt for every conversation")
     demo.add_argument("--title", default="TextBind")
@@ -245,7 +249,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     add_generation_arguments(parser)
     add_image_decoder_arguments(parser)
-    parser.set_defaults(max_new_tokens=256)  # the original demo's --max_output_length
+    # 256: the original demo's --max_output_length. Seed -1: a fresh seed per answer, so that Retry with
+    # sampling gives another answer (and SDXL another picture); set one in the UI to reproduce an answer.
+    parser.set_defaults(max_new_tokens=256, seed=-1)
     args = parser.parse_intermixed_args(argv)
     try:
         _choose_image_decoder(args)
@@ -284,6 +290,9 @@ def resolve_examples_path(path: str) -> str:
 def settings_from_arguments(args: argparse.Namespace) -> DemoSettings:
     from textbind.inference import generation_config_from_arguments
 
+    generation = generation_config_from_arguments(args)
+    if generation.seed is not None and generation.seed < 0:
+        generation.seed = None
     return DemoSettings(
         safe_word_num=args.safe_word_num,
         safe_image_num=args.safe_image_num,
@@ -294,8 +303,9 @@ def settings_from_arguments(args: argparse.Namespace) -> DemoSettings:
         system_prompt=args.system,
         title=args.title,
         concurrency_limit=args.concurrency_limit,
+        session_seconds=args.session_hours * 3600,
         max_queue_size=args.max_queue_size,
-        generation=generation_config_from_arguments(args),
+        generation=generation,
     ).validate()
 
 

@@ -78,13 +78,14 @@ class DemoSettings:
     system_prompt: str = ""
     title: str = "TextBind"
     concurrency_limit: int = 4  # events of the Gradio queue that may run at once (generation itself is serialised)
+    session_seconds: float = 6 * 3600  # a session (its images) is forgotten this long after its last message
     max_queue_size: int = 64
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256))
     max_new_tokens_limit: int = 1024  # the slider's maximum
 
     def validate(self) -> DemoSettings:
         for name in ("safe_word_num", "safe_image_num", "max_upload_bytes", "max_upload_pixels", "concurrency_limit",
-                     "max_new_tokens_limit"):
+                     "max_new_tokens_limit", "session_seconds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         self.generation.validate()
@@ -293,6 +294,14 @@ class DemoChat:
         if not text.strip() and not files:
             yield _refusal(session, [], REFUSED_EMPTY, "Please type a message or attach an image.")
             return
+        # Limits first: they need no decoding, and a refused message should not cost its uploads' decoding.
+        content = user_content(text, len(files))
+        words = session.words + count_words([Turn("user", content)])
+        image_count = session.images + len(files)
+        if words > self.settings.safe_word_num or image_count > self.settings.safe_image_num:
+            logger.info("conversation limit: %d words, %d images", words, image_count)
+            yield _refusal(session, user_messages, REFUSED_LIMIT, limit_message(words, image_count, self.settings))
+            return
         images = []
         for path in files:
             try:
@@ -301,13 +310,7 @@ class DemoChat:
                 logger.info("upload refused: %s", error)
                 yield _refusal(session, user_messages, REFUSED_UPLOAD, f"I could not use this upload: {error}.")
                 return
-        user_turn = Turn("user", user_content(text, len(images)), images)
-        words = session.words + count_words([user_turn])
-        image_count = session.images + len(images)
-        if words > self.settings.safe_word_num or image_count > self.settings.safe_image_num:
-            logger.info("conversation limit: %d words, %d images", words, image_count)
-            yield _refusal(session, user_messages, REFUSED_LIMIT, limit_message(words, image_count, self.settings))
-            return
+        user_turn = Turn("user", content, images)
         yield from self._answer(session, user_turn, user_messages, options)
 
     def retry(self, session: ChatSession | None, options: dict[str, Any]) -> Iterator[ChatUpdate]:
