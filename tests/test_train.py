@@ -220,3 +220,29 @@ def test_lr_multipliers_make_groups(bundle):
     qformer = sum(p.numel() for p in bundle.model.qformer.parameters())
     assert by_lr[1e-4 * 3.0] == qformer
     assert sum(by_lr.values()) == sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
+
+
+def test_corrupt_samples_are_skipped_and_counted(tiny_paths, tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(good, format="PNG")
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as writer:
+        for index in range(12):
+            sample = {"__key__": f"{index:05d}", "png": good.getvalue(), "txt": "a blue square",
+                      "json": json.dumps({"key": f"{index:05d}"})}
+            if index % 4 == 1:
+                sample["png"] = b"\x89PNG truncated"
+            writer.write(sample)
+    with (tmp_path / "00001.tar").open("wb") as handle:
+        handle.write(b"this is not a tar file at all" * 40)
+    train_module("configs/train/first_stage.yaml", [
+        *tiny_overrides(tiny_paths), *FAST, f"data.train_path={tmp_path}/{{00000..00001}}.tar",
+        "train.micro_batch_size=3", "train.global_batch_size=3", "train.max_steps=3", "data.shuffle_buffer=1",
+        f"train.output_dir={tmp_path / 'run'}"])
+    records = metrics(tmp_path / "run")
+    assert sorted(records) == [1, 2, 3]
+    assert records[3]["skipped_samples"] >= 2
