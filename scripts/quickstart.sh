@@ -4,7 +4,7 @@
 # held-out data (runs/quickstart/eval.json), then chat with the result in the browser demo.
 #   bash scripts/quickstart.sh [--no-demo] [extra overrides for both stages, e.g. train.max_steps=50]
 # Variables: OUT, DATA, MODEL_DIR, SEED, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT, STAGE1_SAMPLES,
-# STAGE2_CONVERSATIONS, EVAL_ITEMS, HOST, PORT.
+# STAGE2_CONVERSATIONS, EVAL_ITEMS, HOST, PORT, OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=1
@@ -24,6 +24,9 @@ STAGE1_STEPS=${STAGE1_STEPS:-0}
 STAGE2_STEPS=${STAGE2_STEPS:-0}
 export NUM_GPUS=${NUM_GPUS:-1} MASTER_PORT=${MASTER_PORT:-29517}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# One thread per process: the small models gain little from a second thread, and threads spinning
+# against the data-loader worker (or anything else on the machine) slow training down many times over.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 
 echo "== toy data and a small random model"
 python3 -m textbind.toy.datagen --out "$DATA" --seed "$SEED" --stage1-samples "$STAGE1_SAMPLES" \

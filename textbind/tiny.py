@@ -64,6 +64,24 @@ class TinySizes:
     blip2_initializer_range: float = 0.02
     # Q-Former dropout (hidden and attention); BLIP-2's 0.1. Small models learning from scratch do better without.
     qformer_dropout: float = 0.1
+    # Scale of fixed 2-D sine-cosine values that initialise the vision encoder's position embeddings
+    # (0: keep the random init). Random ones at a small init range are drowned by the patch embeddings,
+    # and a from-scratch encoder then takes long to learn where things are (left/right, top/bottom).
+    vision_position_sincos: float = 0.0
+
+
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) 2-D sine-cosine position embeddings (as in MAE): half the channels code the row."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angles = coordinate[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    embedding = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(embedding, (0, dim - embedding.shape[1])).float()
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> LlamaTokenizer:
@@ -131,6 +149,11 @@ def build_tiny_pretrained(
     blip2 = Blip2ForConditionalGeneration(blip2_config).eval()
     with torch.no_grad():
         blip2.query_tokens.normal_(0.0, sizes.blip2_initializer_range)
+        if sizes.vision_position_sincos:
+            position = blip2.vision_model.embeddings.position_embedding  # (1, 1 + patches, hidden): class token first
+            grid = sizes.image_size // sizes.patch_size
+            position[0, 1:] = sizes.vision_position_sincos * sincos_position_embedding(grid, position.shape[-1])
+            position[0, 0] = 0.0
     with tempfile.TemporaryDirectory() as scratch:
         blip2.save_pretrained(scratch)
         vision_dir, qformer_file = prepare_blip2(scratch, output)

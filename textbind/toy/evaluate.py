@@ -5,6 +5,8 @@
 
 - `caption_attribute_accuracy`: share of held-out images whose generated description names every
   object's colour, shape and size (and position, for two objects) correctly, and nothing else.
+- `describe_colour_accuracy`: a partial-credit diagnostic: share of held-out descriptions that name exactly
+  the image's colours (as a set, whatever the grammar) -- it rises long before whole captions are right.
 - `drawing_accuracy`: share of held-out drawing / edit requests whose emitted caption parses and
   describes exactly the expected scene.
 """
@@ -28,7 +30,7 @@ from textbind.data.conversation import Conversation, Turn, parse_record
 from textbind.generation import GenerationConfig, InterleavedGenerator
 from textbind.model.builder import build_model
 from textbind.toy.renderer import ToyRenderer
-from textbind.toy.world import parse_caption, scene_attributes_match
+from textbind.toy.world import COLOURS, parse_caption, scene_attributes_match
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,14 @@ def evaluate(generator: InterleavedGenerator, eval_dir: Path, limit: int = 0, pr
     if limit:
         describe_items, draw_items = describe_items[:limit], draw_items[:limit]
 
-    described, describe_failures = 0, []
+    described, colours_right, describe_failures = 0, 0, []
     for index, item in enumerate(tqdm(describe_items, desc="eval describe", disable=not progress)):
         expected = parse_caption(item["scene"])
         conversation = Conversation([Turn("user", DESCRIBE_PROMPT, [str(eval_dir / item["image"])])],
                                     source=f"describe.json item {index}")
         answer = generator.generate_turn(conversation, config).content
+        named = {word.strip(".,;:!?").lower() for word in answer.split()} & set(COLOURS)
+        colours_right += expected is not None and named == {obj.colour for obj in expected.objects}
         if expected is not None and scene_attributes_match(expected, answer):
             described += 1
         elif len(describe_failures) < 10:
@@ -71,6 +75,7 @@ def evaluate(generator: InterleavedGenerator, eval_dir: Path, limit: int = 0, pr
                                   "emitted": emitted, "answer": turn.content})
     return {
         "caption_attribute_accuracy": described / max(1, len(describe_items)),
+        "describe_colour_accuracy": colours_right / max(1, len(describe_items)),
         "drawing_accuracy": drawn / max(1, len(draw_items)),
         "num_eval_examples": {"describe": len(describe_items), "draw": len(draw_items)},
         "drawing_by_kind": {kind: kinds[f"{kind}_correct"] / kinds[kind] for kind in ("draw", "edit") if kinds[kind]},
