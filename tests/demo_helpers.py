@@ -10,18 +10,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from textbind.config import MODULE_NAMES, ModelConfig
-from textbind.data.collate import collate
 from textbind.data.conversation import Conversation, Turn
-from textbind.data.samples import prepare_sample
-from textbind.data.sequence import ConversationEncoder
 from textbind.generation import GenerationConfig, InterleavedGenerator
 from textbind.toy.renderer import ToyRenderer
+
+from helpers import overfit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -58,22 +54,8 @@ def train_demo_checkpoint(model_config: ModelConfig, output_dir: Path, steps: in
     here, so that a model that failed to learn fails loudly, not as a confusing browser test).
     """
     from textbind.checkpoint import save_trained_modules
-    from textbind.model.builder import build_model
-    from textbind.train import compute_loss
 
-    torch.manual_seed(0)
-    bundle = build_model(replace(model_config, trainable=list(MODULE_NAMES)))
-    encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens, max_length=256)
-    batch = collate([prepare_sample(c, encoder, bundle.image_processor) for c in training_conversations()],
-                    bundle.tokenizer.pad_token_id)
-    optimizer = torch.optim.Adam(bundle.model.parameters(), lr=3e-3)
-    bundle.model.train()
-    for _ in range(steps):
-        loss = compute_loss(bundle.model, batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    bundle.model.eval().requires_grad_(False)
+    bundle = overfit(model_config, training_conversations(), steps)
     generator = InterleavedGenerator.from_bundle(bundle, ToyRenderer())
     config = GenerationConfig(max_new_tokens=24)
     answers, drawn = {}, []
@@ -84,7 +66,7 @@ def train_demo_checkpoint(model_config: ModelConfig, output_dir: Path, steps: in
         drawn.append(generator.generate_turn(Conversation([*described, turn, Turn("user", DRAW_PROMPT)]), config))
     drawn.append(generator.generate_turn(Conversation([Turn("user", DRAW_PROMPT)]), config))
     learnt = answers == DESCRIPTIONS and all(turn.caption_list == [DRAW_CAPTION] for turn in drawn)
-    assert learnt, (answers, drawn, float(loss))
+    assert learnt, (answers, drawn)
     return save_trained_modules(bundle.model, output_dir, module_names=list(MODULE_NAMES))
 
 

@@ -33,3 +33,32 @@ def several_output_images(image_dir) -> Conversation:
         ("assistant", "The purple one is bigger. An orange one: <image>", ["5.png"], ["an orange block"]),
         image_dir=image_dir,
     )
+
+
+def overfit(model_config, conversations: list[Conversation], steps: int, lr: float = 3e-3):
+    """A tiny model with every module trained (Adam, full batch, seed 0) until it repeats `conversations`."""
+    from dataclasses import replace
+
+    import torch
+
+    from textbind.config import MODULE_NAMES
+    from textbind.data.collate import collate
+    from textbind.data.samples import prepare_sample
+    from textbind.data.sequence import ConversationEncoder
+    from textbind.model.builder import build_model
+    from textbind.train import compute_loss
+
+    torch.manual_seed(0)
+    bundle = build_model(replace(model_config, trainable=list(MODULE_NAMES)))
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens, max_length=256)
+    batch = collate([prepare_sample(c, encoder, bundle.image_processor) for c in conversations],
+                    bundle.tokenizer.pad_token_id)
+    optimizer = torch.optim.Adam(bundle.model.parameters(), lr=lr)
+    bundle.model.train()
+    for _ in range(steps):
+        loss = compute_loss(bundle.model, batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    bundle.model.eval().requires_grad_(False)
+    return bundle

@@ -10,10 +10,9 @@ import torch
 from PIL import Image
 
 from textbind import END_TOKEN, IMAGE_TOKEN, START_TOKEN
-from textbind.config import MODULE_NAMES, ModelConfig
-from textbind.data.collate import collate
+from textbind.config import ModelConfig
 from textbind.data.conversation import Conversation, DataError, Turn
-from textbind.data.samples import pixel_values_for, prepare_sample
+from textbind.data.samples import pixel_values_for
 from textbind.data.sequence import ConversationEncoder
 from textbind.generation import (
     FINISH_LENGTH,
@@ -28,10 +27,9 @@ from textbind.generation import (
     sample_next_token,
 )
 from textbind.image_decoder import ImageDecoder
-from textbind.model.builder import ModelBundle, build_model
-from textbind.train import compute_loss
+from textbind.model.builder import ModelBundle
 
-from helpers import conversation, one_output_image
+from helpers import conversation, one_output_image, overfit
 
 TRAINED_ANSWER = "A red block. Here is a green one: <image> Do you like it?"
 TRAINED_CAPTION = "a green block"
@@ -64,20 +62,7 @@ def overfit_bundle(model_config: ModelConfig, image_dir: str, steps: int = 60) -
 
 
 def _overfit(model_config: ModelConfig, image_dir: str, steps: int) -> ModelBundle:
-    torch.manual_seed(0)
-    bundle = build_model(replace(model_config, trainable=list(MODULE_NAMES)))
-    encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens, max_length=256)
-    batch = collate([prepare_sample(one_output_image(image_dir), encoder, bundle.image_processor)],
-                    bundle.tokenizer.pad_token_id)
-    optimizer = torch.optim.Adam(bundle.model.parameters(), lr=3e-3)
-    bundle.model.train()
-    for _ in range(steps):
-        loss = compute_loss(bundle.model, batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    bundle.model.eval().requires_grad_(False)
-    return bundle
+    return overfit(model_config, [one_output_image(image_dir)], steps)
 
 
 def prompt_of(image_dir) -> object:
