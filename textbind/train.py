@@ -432,7 +432,7 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
             progress.update(1)
             progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                                  samples_s=f"{values['samples_per_second']:.1f}",
-                                 tokens_s=f"{values['tokens_per_second']:.0f}")
+                                 tokens_s=f"{values['tokens_per_second']:.0f}", refresh=False)
             if step % config.train.log_every == 0 and rank == 0:
                 logger.info("step %d/%d %s", step, plan.total_steps,
                             " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "step"))
