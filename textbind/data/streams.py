@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import random
 import tarfile
@@ -328,6 +327,3 @@ def load_stage2_groups(
         groups.append(result.conversations)
     return groups
 
-
-def dump_position(position: StreamPosition) -> str:
-    return json.dumps(position.to_dict())
