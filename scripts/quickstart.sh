@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The embedded default, on a laptop CPU: build the toy shapes world and a small random model, train
-# stage 1 and stage 2 through scripts/run_first_stage.sh and scripts/run_second_stage.sh, evaluate on
-# held-out data (runs/quickstart/eval.json), then chat with the result in the browser demo.
+# The embedded default, on a laptop CPU: build the toy shapes world and a small random model, pretrain its
+# vision encoder (the toy stand-in for BLIP-2's pretraining), train stage 1 and stage 2 through
+# scripts/run_first_stage.sh and scripts/run_second_stage.sh, evaluate on held-out data
+# (runs/quickstart/eval.json), then chat with the result in the browser demo.
 #   bash scripts/quickstart.sh [--no-demo] [extra overrides for both stages, e.g. train.max_steps=50]
-# Variables: OUT, DATA, MODEL_DIR, SEED, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT, STAGE1_SAMPLES,
-# STAGE2_CONVERSATIONS, EVAL_ITEMS, HOST, PORT, OMP_NUM_THREADS (default 1).
+# Variables: OUT, DATA, MODEL_DIR, SEED, PRETRAIN_STEPS, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT, STAGE1_SAMPLES,
+# STAGE2_CONVERSATIONS, EVAL_ITEMS, NUM_GPUS (CPU processes; default 2 on 2+ cores), HOST, PORT,
+# OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=1
@@ -16,13 +18,15 @@ OUT=${OUT:-runs/quickstart}
 DATA=${DATA:-data/toy}
 MODEL_DIR=${MODEL_DIR:-checkpoint/toy}
 SEED=${SEED:-0}
-STAGE1_SAMPLES=${STAGE1_SAMPLES:-20000}
-STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-5000}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-900}
+STAGE1_SAMPLES=${STAGE1_SAMPLES:-7680}
+STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-6400}
 EVAL_ITEMS=${EVAL_ITEMS:-200}
 EVAL_LIMIT=${EVAL_LIMIT:-0}
 STAGE1_STEPS=${STAGE1_STEPS:-0}
 STAGE2_STEPS=${STAGE2_STEPS:-0}
-export NUM_GPUS=${NUM_GPUS:-1} MASTER_PORT=${MASTER_PORT:-29517}
+# Two data-parallel CPU processes (DeepSpeed on gloo) when the machine has two cores or more.
+export NUM_GPUS=${NUM_GPUS:-$(( $(nproc) >= 2 ? 2 : 1 ))} MASTER_PORT=${MASTER_PORT:-29517}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # One thread per process: the small models gain little from a second thread, and threads spinning
 # against the data-loader worker (or anything else on the machine) slow training down many times over.
@@ -33,7 +37,12 @@ python3 -m textbind.toy.datagen --out "$DATA" --seed "$SEED" --stage1-samples "$
   --samples-per-shard 1000 --stage2-conversations "$STAGE2_CONVERSATIONS" \
   --eval-describe "$EVAL_ITEMS" --eval-draw "$EVAL_ITEMS"
 python3 -m textbind.toy.build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
-SHARDS=$(python3 -c "import sys; n=len(__import__('glob').glob(sys.argv[1] + '/stage1/*.tar')); print(f'{sys.argv[1]}/stage1/{{00000..{n - 1:05d}}}.tar')" "$DATA")
+
+echo "== pretraining the vision encoder (the toy stand-in for BLIP-2's pretraining)"
+pretrain_started=$(date +%s.%N)
+python3 -m textbind.toy.pretrain --model-dir "$MODEL_DIR" --steps "$PRETRAIN_STEPS" --seed "$SEED"
+pretrain_seconds=$(python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$pretrain_started")
+SHARDS="$DATA/stage1/{00000..$(printf %05d $(( (STAGE1_SAMPLES + 999) / 1000 - 1 )))}.tar"
 MODEL_ENV=(VISION_MODEL="$MODEL_DIR/blip2_vision_model" LANGUAGE_MODEL="$MODEL_DIR/llama" PROCESSOR="$MODEL_DIR/processor")
 started=$(date +%s.%N)
 
@@ -54,6 +63,7 @@ train_seconds=$(python3 -c "import sys, time; print(round(time.time() - float(sy
 echo "== held-out evaluation"
 python3 -m textbind.toy.evaluate --config configs/toy/model.yaml --checkpoint "$OUT/second_stage/second_stage_model" \
   --eval-dir "$DATA/eval" --out "$OUT/eval.json" --limit "$EVAL_LIMIT" --train-seconds "$train_seconds" \
+  --pretrain-seconds "$pretrain_seconds" \
   model.vision_model="$MODEL_DIR/blip2_vision_model" model.qformer="$MODEL_DIR/blip2_qformer.safetensors" \
   model.language_model="$MODEL_DIR/llama" model.processor="$MODEL_DIR/processor"
 echo "wrote $OUT/eval.json"

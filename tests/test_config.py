@@ -36,6 +36,9 @@ def test_overrides_and_types(tmp_path):
     ("model.trainable=[lm]", "unknown module"),
     ("data.stage=3", "data.stage must be 1 or 2"),
     ("nodot", "not of the form"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be at least 1"),
+    ("train.save_every=-5", "train.save_every must be 0 or more"),
+    ("train.log_every=0", "train.log_every must be at least 1"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

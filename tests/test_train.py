@@ -83,12 +83,14 @@ def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
 
     stage2 = tmp_path / "stage2"
     run(["bash", "scripts/run_second_stage.sh", *FAST, "train.micro_batch_size=2", "train.global_batch_size=4",
-         "train.max_steps=10", "optim.lr=2e-3", "optim.warmup_steps=1", "train.save_every=5",
+         "train.max_steps=10", "optim.lr=2e-3", "optim.warmup_steps=1", "train.save_every=0",
          "model.gradient_checkpointing=false"],
         {**env, "TRAIN_DATA_PATH": data["small2"], "IMAGE_DIR": data["small_images"], "CHECKPOINT": str(export),
          "QFORMER": tiny_paths["qformer"], "OUTPUT_DIR": str(stage2)})
     losses = [metrics(stage2)[step]["loss"] for step in range(1, 11)]
     assert losses[-1] < losses[0] - 0.5, losses
+    # save_every=0: one resumable checkpoint, at the end
+    assert [path.name for path in (stage2 / "checkpoints").iterdir() if path.is_dir()] == ["step00000010"]
     # the stage-2 export loads for inference and holds the language model too
     final = build_model(ModelConfig(**tiny_paths, checkpoint=str(stage2 / "second_stage_model")))
     assert sorted(json.loads((stage2 / "second_stage_model/textbind.json").read_text())["modules"]) == [

@@ -103,13 +103,21 @@ class TrainConfig:
     deepspeed_config: str = ""  # engine JSON (ZeRO stage, precision, offload)
     zero_stage: int = -1  # -1: as the engine JSON says
     precision: str = ""  # "" (engine JSON) | bf16 | fp16 | fp32
-    save_every: int = 1000
+    save_every: int = 1000  # steps between resumable checkpoints; 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <path to a resumable checkpoint>
     log_every: int = 10
     tensorboard: bool = True
     record_samples: bool = False  # write output_dir/samples/rank{R}.jsonl: which samples each step saw
     wandb_project: str = ""
+
+    def validate(self) -> None:
+        for name in ("epochs", "micro_batch_size", "global_batch_size", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
 
 
 @dataclass
@@ -123,6 +131,7 @@ class RunConfig:
         self.model.validate()
         self.data.validate()
         self.optim.validate()
+        self.train.validate()
         return self
 
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,6 +48,12 @@ def read_blip2_tensors(blip2_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def save_qformer_file(path: Path, state_dict: dict[str, torch.Tensor], qformer_config: dict[str, Any]) -> None:
+    """Write `query_tokens` + `qformer.*` tensors as safetensors with the Q-Former config in the metadata."""
+    tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
+    save_file(tensors, str(path), metadata={"qformer_config": json.dumps(qformer_config)})
+
+
 def prepare_blip2(blip2_dir: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
     """Write `OUT/blip2_vision_model/` and `OUT/blip2_qformer.safetensors`; return both paths."""
     blip2_dir, output_dir = Path(blip2_dir), Path(output_dir)
@@ -65,10 +72,9 @@ def prepare_blip2(blip2_dir: str | Path, output_dir: str | Path) -> tuple[Path, 
     vision_dir = output_dir / "blip2_vision_model"
     vision_model.save_pretrained(str(vision_dir))
 
-    qformer_state = {k: v.contiguous() for k, v in tensors.items() if k.startswith(("qformer.", "query_tokens"))}
+    qformer_state = {k: v for k, v in tensors.items() if k.startswith(("qformer.", "query_tokens"))}
     qformer_file = output_dir / "blip2_qformer.safetensors"
-    metadata = {"qformer_config": json.dumps(config.qformer_config.to_diff_dict())}
-    save_file(qformer_state, str(qformer_file), metadata=metadata)
+    save_qformer_file(qformer_file, qformer_state, config.qformer_config.to_diff_dict())
     logger.info("wrote %s and %s (%d Q-Former tensors)", vision_dir, qformer_file, len(qformer_state))
     return vision_dir, qformer_file
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -88,7 +88,12 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> LlamaTokenizer:
     """A Llama-style (SentencePiece-like BPE with byte fallback) tokenizer trained on `corpus`."""
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([])
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    # Punctuation stays apart from words (as in Llama's own vocabulary), so no merge ever makes
+    # "orange." or "red?" a token of its own: a word then has one token wherever it stands.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Split(Regex(r"[.,;:!?]"), behavior="isolated"),
+    ])
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )

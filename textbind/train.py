@@ -437,7 +437,8 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
                 logger.info("step %d/%d %s", step, plan.total_steps,
                             " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "step"))
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-            if step % config.train.save_every == 0 or step == plan.total_steps:
+            save_every = config.train.save_every or plan.total_steps
+            if step % save_every == 0 or step == plan.total_steps:
                 save_resumable(engine, output_dir, step, loader, config.train.keep_last)
             if samples_log is not None:
                 samples_log.flush()

@@ -1,12 +1,12 @@
 """The toy world really learns: a shortened `scripts/quickstart.sh --no-demo`, end to end.
 
-Same scripts and code paths as the full quickstart (toy data generation, the small random model,
-stage 1 on webdataset shards, stage 2 on JSON conversations, held-out evaluation with the toy
-renderer), with fewer samples, steps and evaluation items. Chance is near 0 for both metrics (one
-fully right description among 36 single-object and 2 x 36 x 36 two-object scenes). This short
-run does not yet get whole captions right (measured: 0.0 caption and drawing accuracy), so it checks
-the partial-credit `describe_colour_accuracy` (measured 0.575 on 40 items; guessing gives about 0.1):
-the model looks at held-out images and names their colours.
+Same scripts and code paths as the full quickstart (toy data generation, the small random model, the
+vision pretraining, stage 1 on webdataset shards and stage 2 on JSON conversations with two CPU ranks,
+held-out evaluation with the toy renderer), with fewer samples, steps and evaluation items. Chance is
+near 0 for both headline metrics (one fully right description among 36 single-object and 2 x 36 x 36
+two-object scenes; a drawing is right when its caption parses to exactly the asked scene). Measured
+on 40 + 40 items: caption accuracy 0.40 and drawing accuracy 0.175 (plain requests 0.37, edits 0.0);
+the thresholds below sit at about half of that.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# On a 2-core CPU the run takes about 2 minutes (measured 118 s).
+# On a 2-core CPU the run takes about 4 minutes (measured 260 s).
 SETTINGS = {
-    "STAGE1_SAMPLES": "6000",
-    "STAGE2_CONVERSATIONS": "1500",
+    "PRETRAIN_STEPS": "600",
+    "STAGE1_SAMPLES": "4800",
+    "STAGE2_CONVERSATIONS": "1600",
     "EVAL_ITEMS": "40",
-    "STAGE1_STEPS": "200",
-    "STAGE2_STEPS": "60",
+    "STAGE2_STEPS": "200",
 }
-MIN_COLOUR_ACCURACY = 0.35
+MIN_CAPTION_ACCURACY = 0.2
+MIN_DRAWING_ACCURACY = 0.075  # 3 of 40
 
 
 @pytest.mark.slow
@@ -55,4 +56,6 @@ def test_shortened_quickstart_learns(tmp_path):
     keys = ("caption_attribute_accuracy", "describe_colour_accuracy", "drawing_accuracy", "drawing_by_kind")
     summary = {key: result[key] for key in keys}
     print(json.dumps(summary), file=sys.stderr)
-    assert result["describe_colour_accuracy"] >= MIN_COLOUR_ACCURACY, summary
+    assert result["caption_attribute_accuracy"] >= MIN_CAPTION_ACCURACY, summary
+    assert result["drawing_accuracy"] >= MIN_DRAWING_ACCURACY, summary
+    assert result["pretrain_seconds"] > 0 and result["total_train_seconds"] > result["train_seconds"]

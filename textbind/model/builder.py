@@ -120,6 +120,22 @@ def resize_embeddings_for_special_tokens(language_model: torch.nn.Module, vocab_
                     embedding.weight[old_size:] = embedding.weight[:old_size].mean(dim=0, keepdim=True)
 
 
+def load_qformer(path: str, num_heads: int = 0) -> tuple[Blip2QFormerModel, torch.Tensor]:
+    """The Q-Former and its (1, Q, D) query tokens from a `blip2_qformer` file (see load_qformer_weights)."""
+    state_dict, qformer_config = load_qformer_weights(path)
+    if qformer_config is not None:
+        qformer = Blip2QFormerModel(Blip2QFormerConfig.from_dict(qformer_config))
+    else:
+        qformer = Blip2QFormerModel(infer_qformer_config(state_dict, num_heads))
+    prefixed = {key[len("qformer.") :]: value for key, value in state_dict.items() if key.startswith("qformer.")}
+    result = qformer.load_state_dict(prefixed, strict=False)
+    if result.missing_keys:
+        raise ValueError(f"{path}: Q-Former weights are missing {result.missing_keys[:5]}...")
+    if "query_tokens" not in state_dict:
+        raise ValueError(f"{path}: no 'query_tokens' tensor")
+    return qformer, state_dict["query_tokens"]
+
+
 def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBundle:
     """Assemble the model from the local paths in `config`, load trained modules, choose what trains."""
     dtype = DTYPES[config.dtype]
@@ -130,17 +146,7 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
     vision_model = Blip2VisionModel.from_pretrained(
         str(_require(config.vision_model, "vision_model")), dtype=dtype, local_files_only=True
     )
-    qformer_state, qformer_config = load_qformer_weights(config.qformer)
-    if qformer_config is not None:
-        qformer = Blip2QFormerModel(Blip2QFormerConfig.from_dict(qformer_config))
-    else:
-        qformer = Blip2QFormerModel(infer_qformer_config(qformer_state, config.qformer_num_heads))
-    prefixed = {key[len("qformer.") :]: value for key, value in qformer_state.items() if key.startswith("qformer.")}
-    result = qformer.load_state_dict(prefixed, strict=False)
-    if result.missing_keys:
-        raise ValueError(f"{config.qformer}: Q-Former weights are missing {result.missing_keys[:5]}...")
-    if "query_tokens" not in qformer_state:
-        raise ValueError(f"{config.qformer}: no 'query_tokens' tensor")
+    qformer, query_tokens = load_qformer(config.qformer, config.qformer_num_heads)
     language_model = AutoModelForCausalLM.from_pretrained(
         config.language_model, dtype=dtype, attn_implementation=config.attn_implementation, local_files_only=True
     )
@@ -148,7 +154,7 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
     model = MIMModel(
         vision_model=vision_model,
         qformer=qformer,
-        query_tokens=qformer_state["query_tokens"],
+        query_tokens=query_tokens,
         language_model=language_model,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     ).to(dtype)

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where to write the evaluation JSON")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N items of each set")
     parser.add_argument("--train-seconds", type=float, default=None, help="recorded in the output as given")
+    parser.add_argument("--pretrain-seconds", type=float, default=None,
+                        help="recorded as given (the vision pretraining before stage 1)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     result["eval_seconds"] = time.perf_counter() - started
     if args.train_seconds is not None:
         result["train_seconds"] = args.train_seconds
+    if args.pretrain_seconds is not None:
+        result["pretrain_seconds"] = args.pretrain_seconds
+        if args.train_seconds is not None:
+            result["total_train_seconds"] = round(args.pretrain_seconds + args.train_seconds, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,196 @@
+"""Pretrain the toy world's vision encoder and Q-Former: the toy stand-in for BLIP-2's pretraining.
+
+The real recipe starts from a BLIP-2 encoder that already sees. The toy one starts random, and
+learning to see only through the language model's caption loss is slow on a CPU: shape, the last
+attribute to be learned, takes ~900 steps even with direct supervision. So, as a vision encoder is
+pretrained on labelled images before it meets a language model, this step trains the encoder and
+the Q-Former with linear attribute heads (the layout, then each object slot's colour, shape and
+size) on fresh images drawn from their own random stream -- never the stage-1, stage-2 or held-out
+evaluation images -- and writes them back in the BLIP-2 layout (``MODEL_DIR/blip2_vision_model/``,
+``MODEL_DIR/blip2_qformer.safetensors``). The heads are dropped; stage 1 then aligns the encoder
+with the language model exactly as in the real recipe.
+
+    python -m textbind.toy.pretrain --model-dir checkpoint/toy --steps 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoImageProcessor, Blip2QFormerModel, Blip2VisionModel
+
+from textbind.model.builder import load_qformer
+from textbind.prepare_blip2 import save_qformer_file
+from textbind.toy.datagen import stream_rng
+from textbind.toy.world import COLOURS, LAYOUTS, SHAPES, SIZES, Scene, draw_scene, random_scene
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_STREAM = "pretrain"
+CHECK_STREAM = "pretrain-check"
+REPORT_FILE = "pretrain.json"
+_COLOURS, _SHAPES, _SIZES = list(COLOURS), list(SHAPES), list(SIZES)
+# What the heads predict; a single-object scene's second slot takes each attribute's extra "none" class.
+TARGETS: tuple[tuple[str, int], ...] = (
+    ("layout", len(LAYOUTS)),
+    ("colour_1", len(_COLOURS)),
+    ("shape_1", len(_SHAPES)),
+    ("size_1", len(_SIZES)),
+    ("colour_2", len(_COLOURS) + 1),
+    ("shape_2", len(_SHAPES) + 1),
+    ("size_2", len(_SIZES) + 1),
+)
+
+
+def scene_labels(scene: Scene) -> list[int]:
+    """The class index of every target of TARGETS for ``scene``."""
+    first = scene.objects[0]
+    labels = [LAYOUTS.index(scene.layout), _COLOURS.index(first.colour), _SHAPES.index(first.shape),
+              _SIZES.index(first.size)]
+    if len(scene.objects) == 2:
+        second = scene.objects[1]
+        return labels + [_COLOURS.index(second.colour), _SHAPES.index(second.shape), _SIZES.index(second.size)]
+    return labels + [len(_COLOURS), len(_SHAPES), len(_SIZES)]
+
+
+class SceneEncoder(nn.Module):
+    """Vision encoder -> Q-Former (as MIMModel.encode_images, without the projection) -> attribute logits."""
+
+    def __init__(self, vision_model: Blip2VisionModel, qformer: Blip2QFormerModel, query_tokens: torch.Tensor):
+        super().__init__()
+        self.vision_model = vision_model
+        self.qformer = qformer
+        self.query_tokens = nn.Parameter(query_tokens.detach().clone())
+        features = query_tokens.shape[1] * query_tokens.shape[2]
+        self.heads = nn.ModuleList(nn.Linear(features, classes) for _, classes in TARGETS)
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        image_features = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        queries = self.qformer(
+            query_embeds=self.query_tokens.expand(image_features.shape[0], -1, -1),
+            encoder_hidden_states=image_features,
+            encoder_attention_mask=torch.ones(image_features.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        flat = queries.flatten(1)
+        return [head(flat) for head in self.heads]
+
+
+def scene_batch(rng: random.Random, size: int, image_processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` random scenes drawn with jitter: (pixels, (size, len(TARGETS)) labels)."""
+    scenes = [random_scene(rng) for _ in range(size)]
+    images = [draw_scene(scene, rng=rng) for scene in scenes]
+    pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return pixels, torch.tensor([scene_labels(scene) for scene in scenes])
+
+
+@torch.no_grad()
+def attribute_accuracy(encoder: SceneEncoder, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Share of images whose every target is right (``all``) and the accuracy of each target."""
+    was_training = encoder.training
+    encoder.eval()
+    right = torch.stack([logits.argmax(-1) == labels[:, index] for index, logits in enumerate(encoder(pixels))], 1)
+    encoder.train(was_training)
+    accuracy = {name: round(right[:, index].float().mean().item(), 4) for index, (name, _) in enumerate(TARGETS)}
+    return {"all": round(right.all(1).float().mean().item(), 4), **accuracy}
+
+
+def pretrain_vision(
+    model_dir: str | Path,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    warmup_steps: int = 50,
+    min_lr_ratio: float = 0.1,
+    seed: int = 0,
+    check_images: int = 500,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain ``model_dir``'s vision encoder + Q-Former in place; return (and save) a report."""
+    from textbind.train import cosine_schedule  # heavy import (DeepSpeed), only when training
+
+    model_dir = Path(model_dir)
+    vision_dir, qformer_file = model_dir / "blip2_vision_model", model_dir / "blip2_qformer.safetensors"
+    for path in (vision_dir, qformer_file, model_dir / "processor"):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; build the toy model first (python -m textbind.toy.build)")
+    torch.manual_seed(seed)
+    image_processor = AutoImageProcessor.from_pretrained(str(model_dir / "processor"), local_files_only=True)
+    vision_model = Blip2VisionModel.from_pretrained(str(vision_dir), local_files_only=True)
+    qformer, query_tokens = load_qformer(str(qformer_file))
+    encoder = SceneEncoder(vision_model, qformer, query_tokens).train()
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.001)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup_steps, steps, min_lr_ratio))
+    rng = stream_rng(seed, PRETRAIN_STREAM)
+    check_pixels, check_labels = scene_batch(stream_rng(seed, CHECK_STREAM), check_images, image_processor)
+
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc="pretrain vision", disable=not progress, mininterval=2.0)
+    for _ in bar:
+        pixels, labels = scene_batch(rng, batch_size, image_processor)
+        logits = encoder(pixels)
+        loss = sum(nn.functional.cross_entropy(item, labels[:, index]) for index, item in enumerate(logits))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    seconds = time.perf_counter() - started
+
+    report = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "check_images": check_images,
+        "check_accuracy": attribute_accuracy(encoder, check_pixels, check_labels),
+    }
+    _save(encoder, vision_dir, qformer_file)
+    (model_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("pretrained the toy vision encoder in %.0f s: %s", seconds, report["check_accuracy"])
+    return report
+
+
+def _save(encoder: SceneEncoder, vision_dir: Path, qformer_file: Path) -> None:
+    """Write both parts next to the old ones, then swap them in (an interrupted save leaves the old set)."""
+    staging = vision_dir.with_name(vision_dir.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    encoder.vision_model.save_pretrained(str(staging))
+    qformer_state = {f"qformer.{key}": value for key, value in encoder.qformer.state_dict().items()}
+    qformer_state["query_tokens"] = encoder.query_tokens.data
+    staged_qformer = qformer_file.with_name(qformer_file.name + ".new")
+    save_qformer_file(staged_qformer, qformer_state, encoder.qformer.config.to_diff_dict())
+    shutil.rmtree(vision_dir)
+    os.replace(staging, vision_dir)
+    os.replace(staged_qformer, qformer_file)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default="checkpoint/toy", help="built by python -m textbind.toy.build")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.steps < 1:
+        parser.error("--steps must be positive")
+    report = pretrain_vision(args.model_dir, args.steps, args.batch_size, args.lr, seed=args.seed)
+    print(json.dumps(report["check_accuracy"]))
+
+
+if __name__ == "__main__":
+    main()
