@@ -32,6 +32,8 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # against the data-loader worker (or anything else on the machine) slow training down many times over.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 
+seconds_since() { python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1"; }
+
 echo "== toy data and a small random model"
 python3 -m textbind.toy.datagen --out "$DATA" --seed "$SEED" --stage1-samples "$STAGE1_SAMPLES" \
   --samples-per-shard 1000 --stage2-conversations "$STAGE2_CONVERSATIONS" \
@@ -41,7 +43,7 @@ python3 -m textbind.toy.build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
 echo "== pretraining the vision encoder (the toy stand-in for BLIP-2's pretraining)"
 pretrain_started=$(date +%s.%N)
 python3 -m textbind.toy.pretrain --model-dir "$MODEL_DIR" --steps "$PRETRAIN_STEPS" --seed "$SEED"
-pretrain_seconds=$(python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$pretrain_started")
+pretrain_seconds=$(seconds_since "$pretrain_started")
 SHARDS="$DATA/stage1/{00000..$(printf %05d $(( (STAGE1_SAMPLES + 999) / 1000 - 1 )))}.tar"
 MODEL_ENV=(VISION_MODEL="$MODEL_DIR/blip2_vision_model" LANGUAGE_MODEL="$MODEL_DIR/llama" PROCESSOR="$MODEL_DIR/processor")
 started=$(date +%s.%N)
@@ -58,7 +60,7 @@ env "${MODEL_ENV[@]}" CONFIG=configs/toy/second_stage.yaml TRAIN_DATA_PATH="$DAT
   QFORMER="$MODEL_DIR/blip2_qformer.safetensors" OUTPUT_DIR="$OUT/second_stage" \
   bash scripts/run_second_stage.sh train.resume=never train.max_steps="$STAGE2_STEPS" train.seed="$SEED" \
   ${ARGS[@]+"${ARGS[@]}"}
-train_seconds=$(python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$started")
+train_seconds=$(seconds_since "$started")
 
 echo "== held-out evaluation"
 python3 -m textbind.toy.evaluate --config configs/toy/model.yaml --checkpoint "$OUT/second_stage/second_stage_model" \

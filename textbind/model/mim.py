@@ -16,6 +16,16 @@ from textbind.config import MODULE_NAMES
 IGNORE_INDEX = -100
 
 
+def query_image(qformer: nn.Module, query_tokens: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    """The Q-Former's (N, Q, Dq) outputs for (1, Q, Dq) query tokens reading (N, P, Dv) image features."""
+    image_attention = torch.ones(image_features.shape[:-1], dtype=torch.long, device=image_features.device)
+    return qformer(
+        query_embeds=query_tokens.expand(image_features.shape[0], -1, -1),
+        encoder_hidden_states=image_features,
+        encoder_attention_mask=image_attention,
+    ).last_hidden_state
+
+
 @dataclass
 class MIMOutput(ModelOutput):
     """What `MIMModel.forward` returns in every mode; `loss` is None without targets.
@@ -103,12 +113,7 @@ class MIMModel(nn.Module):
         with torch.set_grad_enabled(vision_trainable and torch.is_grad_enabled()):
             image_features = self.vision_model(pixel_values=pixel_values.to(vision_dtype)).last_hidden_state
         image_features = image_features.to(self.query_tokens.dtype)  # (N, P, Dv)
-        image_attention = torch.ones(image_features.shape[:-1], dtype=torch.long, device=image_features.device)
-        query_outputs = self.qformer(
-            query_embeds=self.query_tokens.expand(image_features.shape[0], -1, -1),
-            encoder_hidden_states=image_features,
-            encoder_attention_mask=image_attention,
-        ).last_hidden_state  # (N, Q, Dq)
+        query_outputs = query_image(self.qformer, self.query_tokens, image_features)  # (N, Q, Dq)
         return self.qformer_projection(query_outputs)  # (N, Q, D_llm)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:

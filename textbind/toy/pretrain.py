@@ -10,7 +10,7 @@ evaluation images -- and writes them back in the BLIP-2 layout (``MODEL_DIR/blip
 ``MODEL_DIR/blip2_qformer.safetensors``). The heads are dropped; stage 1 then aligns the encoder
 with the language model exactly as in the real recipe.
 
-    python -m textbind.toy.pretrain --model-dir checkpoint/toy --steps 1000
+    python -m textbind.toy.pretrain --model-dir checkpoint/toy --steps 900
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import AutoImageProcessor, Blip2QFormerModel, Blip2VisionModel
 
 from textbind.model.builder import load_qformer
+from textbind.model.mim import query_image
 from textbind.prepare_blip2 import save_qformer_file
 from textbind.toy.datagen import stream_rng
 from textbind.toy.world import COLOURS, LAYOUTS, SHAPES, SIZES, Scene, draw_scene, random_scene
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 PRETRAIN_STREAM = "pretrain"
 CHECK_STREAM = "pretrain-check"
 REPORT_FILE = "pretrain.json"
+DEFAULT_STEPS = 900
 _COLOURS, _SHAPES, _SIZES = list(COLOURS), list(SHAPES), list(SIZES)
 # What the heads predict; a single-object scene's second slot takes each attribute's extra "none" class.
 TARGETS: tuple[tuple[str, int], ...] = (
@@ -77,12 +79,7 @@ class SceneEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         image_features = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        queries = self.qformer(
-            query_embeds=self.query_tokens.expand(image_features.shape[0], -1, -1),
-            encoder_hidden_states=image_features,
-            encoder_attention_mask=torch.ones(image_features.shape[:-1], dtype=torch.long),
-        ).last_hidden_state
-        flat = queries.flatten(1)
+        flat = query_image(self.qformer, self.query_tokens, image_features).flatten(1)
         return [head(flat) for head in self.heads]
 
 
@@ -107,7 +104,7 @@ def attribute_accuracy(encoder: SceneEncoder, pixels: torch.Tensor, labels: torc
 
 def pretrain_vision(
     model_dir: str | Path,
-    steps: int = 1000,
+    steps: int = DEFAULT_STEPS,
     batch_size: int = 32,
     lr: float = 2e-3,
     warmup_steps: int = 50,
@@ -180,7 +177,7 @@ def _save(encoder: SceneEncoder, vision_dir: Path, qformer_file: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="checkpoint/toy", help="built by python -m textbind.toy.build")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
