@@ -7,5 +7,6 @@ setup(
     packages=find_packages(include=["textbind", "textbind.*"]),
     python_requires=">=3.10",
     install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
+    entry_points={"console_scripts": ["textbind=textbind.cli:main"]},
     extras_require={"test": ["pytest>=8", "ruff", "playwright", "gradio_client"]},
 )

@@ -74,6 +74,8 @@ def test_control_text_is_escaped_and_never_structure(tiny_paths):
 
 
 def test_command_line_defaults():
+    from textbind.config import ConfigError
+    from textbind.runtime import DecoderKind, setup_from_arguments
     from textbind.serve.app import parse_arguments, settings_from_arguments
 
     args = parse_arguments([])
@@ -83,13 +85,15 @@ def test_command_line_defaults():
     assert (settings.generation.seed, settings.generation.do_sample) == (None, False)
     assert (settings.max_upload_bytes, settings.max_upload_pixels) == (10 << 20, 4096 * 4096)
     assert Path(settings.examples_path).resolve() == REPOSITORY / "data/examples.json"
-    assert args.image_decoder == "none"
+    assert setup_from_arguments(args).image_decoder == DecoderKind.NONE
     assert parse_arguments(["--listen"]).host == "0.0.0.0"
-    assert parse_arguments(["--sd-base", "sdxl"]).image_decoder == "sdxl"
-    toy = parse_arguments(["--image-decoder", "toy", "--sd-base", "sdxl", "--sd-refiner", "refiner"])
-    assert (toy.image_decoder, toy.toy_renderer, toy.sd_base, toy.sd_refiner) == ("toy", True, "", "")
-    with pytest.raises(SystemExit):
-        parse_arguments(["--image-decoder", "sdxl"])
+    with pytest.raises(ConfigError, match="no-such-sdxl"):  # auto reads the pipeline in --sd-base
+        setup_from_arguments(parse_arguments(["--sd-base", "no-such-sdxl"]))
+    toy = setup_from_arguments(
+        parse_arguments(["--image-decoder", "toy", "--sd-base", "sdxl", "--sd-refiner", "refiner"]))
+    assert (toy.image_decoder, toy.diffusion.base, toy.diffusion.refiner) == (DecoderKind.TOY, None, None)
+    with pytest.raises(ConfigError, match="--sd-base"):
+        setup_from_arguments(parse_arguments(["--image-decoder", "sdxl"]))
 
 
 def test_run_demo_script_passes_variables_and_arguments(tmp_path):

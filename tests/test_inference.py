@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from test_generation import TRAINED_CAPTION, overfit_bundle
 
-from textbind.__main__ import main as chat_main
+from textbind.chat import main as chat_main
 from textbind.checkpoint import save_trained_modules
+from textbind.cli import main as cli_main
 from textbind.config import MODULE_NAMES
 from textbind.inference import main as inference_main
-from textbind.inference import model_config_from_arguments
+from textbind.runtime import model_config_from_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "model" / "tiny.yaml"
@@ -98,15 +99,15 @@ def test_chat_streams_the_answer_and_saves_images(tiny_paths, trained_checkpoint
                                                   capsys) -> None:
     output_dir = tmp_path / "chat"
     arguments = ["chat", *model_flags(tiny_paths, trained_checkpoint), "--prompt", "What is this? <image>",
-                 "--image", str(image_dir / "0.png"), "--max-new-tokens", "30", "--toy-renderer",
+                 "--image", str(image_dir / "0.png"), "--max-new-tokens", "30", "--image-decoder", "toy",
                  "--output-dir", str(output_dir)]
-    assert chat_main(arguments) == 0
+    assert cli_main(arguments) == 0  # `textbind chat ...`
     printed = capsys.readouterr().out
     assert printed.startswith("A red block. Here is a green one:\n[image: ")
     assert f"| {TRAINED_CAPTION}]" in printed
     assert (output_dir / "image_0.png").is_file()
 
-    assert chat_main([*arguments[1:-3], "--output-dir", str(output_dir)]) == 0  # no decoder; "chat" is optional
+    assert chat_main([*arguments[1:-4], "--output-dir", str(output_dir)]) == 0  # no image decoder
     printed = capsys.readouterr().out
     assert f"[image not rendered | {TRAINED_CAPTION}]" in printed
     assert not (output_dir / "image_1.png").exists()
@@ -128,7 +129,7 @@ def test_bad_prompts_and_settings_exit_with_a_message(tiny_paths, trained_checkp
 def test_flags_and_overrides_over_the_yaml_config(tiny_paths) -> None:
     import argparse
 
-    from textbind.inference import add_model_arguments
+    from textbind.runtime import add_model_arguments
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
@@ -147,7 +148,7 @@ def test_flags_and_overrides_over_the_yaml_config(tiny_paths) -> None:
 def test_chat_on_cuda_in_bfloat16(tiny_paths, trained_checkpoint, image_dir, tmp_path, capsys) -> None:
     arguments = [*model_flags(tiny_paths, trained_checkpoint)[:-2], "--device", "cuda", "--dtype", "bfloat16",
                  "--prompt", "What is this? <image>", "--image", str(image_dir / "0.png"),
-                 "--max-new-tokens", "30", "--toy-renderer", "--output-dir", str(tmp_path)]
+                 "--max-new-tokens", "30", "--image-decoder", "toy", "--output-dir", str(tmp_path)]
     assert chat_main(arguments) == 0
     assert f"| {TRAINED_CAPTION}]" in capsys.readouterr().out
 

@@ -14,6 +14,23 @@ import yaml
 
 MODULE_NAMES = ("vision_model", "query_tokens", "qformer", "qformer_projection", "language_model")
 
+# Every spelling of a dtype the configs and flags accept -> its canonical torch name.
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
+
+
+def torch_dtype(name: str) -> Any:
+    """A dtype name of DTYPE_NAMES (any case) -> the torch dtype; ConfigError for anything else."""
+    import torch
+
+    canonical = DTYPE_NAMES.get(str(name).lower())
+    if canonical is None:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, canonical)
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -249,3 +266,29 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def config_help(config_type: type = RunConfig) -> str:
+    """Every key of a config dataclass with its default and meaning (the comment beside its field), for --help."""
+    import inspect
+    import re
+
+    lines = []
+    root = config_type()
+    for section in dataclasses.fields(root):
+        value = getattr(root, section.name)
+        cls = type(value)
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+            if match:
+                comments[match.group(1)] = match.group(2)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"{section.name}:  {doc}")
+        for item in dataclasses.fields(value):
+            default = getattr(value, item.name)
+            shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
+                                   default_flow_style=True).strip().removesuffix("...").strip()
+            meaning = comments.get(item.name, "")
+            lines.append(f"  {section.name}.{item.name} = {shown}" + (f"    # {meaning}" if meaning else ""))
+    return "\n".join(lines)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from textbind.config import torch_dtype
+
 if TYPE_CHECKING:  # diffusers takes seconds to import; only the loaders below need it at run time
     from diffusers import DiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -26,16 +28,6 @@ logger = logging.getLogger(__name__)
 
 SDXL_BASE_CLASS_NAME = "StableDiffusionXLPipeline"
 
-_DTYPE_NAMES = {
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
 
 
 def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
@@ -45,9 +37,7 @@ def resolve_dtype(device: str | torch.device, dtype: str | torch.dtype | None = 
         return dtype
     if dtype is None:
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype.lower() not in _DTYPE_NAMES:
-        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_NAMES)} or a torch.dtype")
-    return _DTYPE_NAMES[dtype.lower()]
+    return torch_dtype(dtype)
 
 
 def pipeline_class_name(path: str | Path, role: str = "diffusers pipeline") -> str:
@@ -83,16 +73,29 @@ def _load_pipeline(
     dtype: str | torch.dtype | None,
     variant: str | None,
     show_progress: bool,
+    cpu_offload: bool = False,
+    vae_tiling: bool = False,
     **components: Any,
 ) -> DiffusionPipeline:
-    """Load a saved pipeline from a local directory only, move it to `device`, quiet its progress bar."""
+    """Load a saved pipeline from a local directory only, move it to `device`, quiet its progress bar.
+
+    `cpu_offload` keeps each part on the CPU until it runs (accelerate's model offload: a GPU needs
+    only the largest part's memory); `vae_tiling` decodes large images tile by tile.
+    """
     pipeline_class_name(path, role)  # fails early, naming the path, if it is not a saved pipeline
-    torch_dtype = resolve_dtype(device, dtype)
-    logger.info("Loading %s from %s (device=%s, dtype=%s)", role, path, device, torch_dtype)
+    weights_dtype = resolve_dtype(device, dtype)
+    logger.info("Loading %s from %s (device=%s, dtype=%s)", role, path, device, weights_dtype)
     pipeline = pipeline_class.from_pretrained(
-        str(path), dtype=torch_dtype, variant=variant, local_files_only=True, **components
+        str(path), dtype=weights_dtype, variant=variant, local_files_only=True, **components
     )
-    pipeline = pipeline.to(device)
+    if cpu_offload and torch.device(device).type == "cuda":
+        pipeline.enable_model_cpu_offload(device=torch.device(device))
+    else:
+        if cpu_offload:
+            logger.warning("cpu_offload needs a CUDA device; %s runs on %s as it is", role, device)
+        pipeline = pipeline.to(device)
+    if vae_tiling and getattr(pipeline, "vae", None) is not None:
+        pipeline.vae.enable_tiling()
     pipeline.set_progress_bar_config(disable=not show_progress)
     return pipeline
 
@@ -133,6 +136,8 @@ class DiffusersDecoder:
         negative_prompt: str | None = None,
         variant: str | None = None,
         show_progress: bool = False,
+        cpu_offload: bool = False,
+        vae_tiling: bool = False,
         **extra_call_kwargs: Any,
     ) -> DiffusersDecoder:
         """Load whatever pipeline class `path/model_index.json` names; None arguments keep its defaults."""
@@ -146,6 +151,8 @@ class DiffusersDecoder:
             dtype=dtype,
             variant=variant,
             show_progress=show_progress,
+            cpu_offload=cpu_offload,
+            vae_tiling=vae_tiling,
         )
         call_kwargs = {
             "num_inference_steps": num_inference_steps,
@@ -211,6 +218,8 @@ class SDXLDecoder:
         negative_prompt: str | None = None,
         variant: str | None = None,
         show_progress: bool = False,
+        cpu_offload: bool = False,
+        vae_tiling: bool = False,
     ) -> SDXLDecoder:
         """Load the base (and the refiner, if a path is given) from local pipeline directories.
 
@@ -232,6 +241,8 @@ class SDXLDecoder:
             dtype=dtype,
             variant=variant,
             show_progress=show_progress,
+            cpu_offload=cpu_offload,
+            vae_tiling=vae_tiling,
         )
         refiner = None
         if refiner_path is not None:
@@ -243,6 +254,8 @@ class SDXLDecoder:
                 dtype=dtype,
                 variant=variant,
                 show_progress=show_progress,
+                cpu_offload=cpu_offload,
+                vae_tiling=vae_tiling,
                 text_encoder_2=base.text_encoder_2,
                 vae=base.vae,
             )
@@ -299,3 +312,35 @@ def build_image_decoder(base: str | None, refiner: str | None = None, **kwargs: 
         )
     kwargs.pop("high_noise_frac", None)
     return DiffusersDecoder.from_pretrained(base, **kwargs)
+
+
+def create_image_decoder(kind: Any, options: Any, device: str | torch.device = "cpu") -> ImageDecoder | None:
+    """The one place that turns a `textbind.runtime.DecoderKind` and its `DiffusionOptions` into a decoder.
+
+    `none` gives None (captions are reported, not rendered); `toy` the toy world's procedural renderer
+    (imported here only, so product code never depends on the toy world); `sdxl` and `diffusers` load
+    the pipelines in `options.base` / `options.refiner`.
+    """
+    kind = getattr(kind, "value", kind)
+    if kind == "none":
+        return None
+    if kind == "toy":
+        from textbind.toy.renderer import ToyRenderer
+
+        return ToyRenderer()
+    common = {
+        "device": device, "dtype": options.dtype, "num_inference_steps": options.steps,
+        "guidance_scale": options.guidance_scale, "height": options.height, "width": options.width,
+        "negative_prompt": options.negative_prompt, "variant": options.variant,
+        "cpu_offload": options.cpu_offload, "vae_tiling": options.vae_tiling,
+    }
+    if not options.base:
+        raise ValueError(f"image decoder {kind} needs a base pipeline directory")
+    if kind == "sdxl":
+        return SDXLDecoder.from_pretrained(options.base, options.refiner or None,
+                                           high_noise_frac=options.high_noise_frac, **common)
+    if kind == "diffusers":
+        if options.refiner:
+            raise ValueError(f"a refiner ({options.refiner}) needs the sdxl image decoder")
+        return DiffusersDecoder.from_pretrained(options.base, **common)
+    raise ValueError(f"unknown image decoder {kind!r}; choose none, sdxl, diffusers or toy")

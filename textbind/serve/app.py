@@ -1,6 +1,6 @@
 """The browser demo: a Gradio 6 chat with TextBind, and the same chat as an API (`python -m textbind.serve`).
 
-    python -m textbind.serve --config configs/model/llama2_7b.yaml --checkpoint checkpoint/second_stage_model.pt \\
+    textbind demo --config configs/model/llama2_7b.yaml --checkpoint checkpoint/second_stage_model.pt \\
         --sd-base checkpoint/stable-diffusion-xl-base-1.0 --sd-refiner checkpoint/stable-diffusion-xl-refiner-1.0 \\
         [--host 127.0.0.1 | --listen] [--port 7860] [key=value ...]
 
@@ -214,10 +214,10 @@ def _exchanges_of(messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    from textbind.inference import add_generation_arguments, add_image_decoder_arguments, add_model_arguments
+    from textbind.runtime import add_generation_arguments, add_setup_arguments
 
     parser = argparse.ArgumentParser(
-        prog="python -m textbind.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="textbind demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
@@ -242,37 +242,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--output-dir", default="", help="keep generated images here (default: a temporary directory)")
     demo.add_argument("--system", default="", help="a system prompt for every conversation")
     demo.add_argument("--title", default="TextBind")
-    demo.add_argument("--image-decoder", choices=("auto", "sdxl", "toy", "none"), default="auto",
-                      help="sdxl (needs --sd-base), toy (the toy world's renderer), none; "
-                           "auto: sdxl if --sd-base is set")
     demo.add_argument("--verbose", action="store_true", help="log debug messages")
-    add_model_arguments(parser)
+    add_setup_arguments(parser)
     add_generation_arguments(parser)
-    add_image_decoder_arguments(parser)
     # 256: the original demo's --max_output_length. Seed -1: a fresh seed per answer, so that Retry with
     # sampling gives another answer (and SDXL another picture); set one in the UI to reproduce an answer.
     parser.set_defaults(max_new_tokens=256, seed=-1)
     args = parser.parse_intermixed_args(argv)
-    try:
-        _choose_image_decoder(args)
-    except ValueError as error:
-        parser.error(str(error))
     if args.listen:
         args.host = "0.0.0.0"
     return args
-
-
-def _choose_image_decoder(args: argparse.Namespace) -> None:
-    """Resolve --image-decoder into the flags `textbind.inference.build_generator` reads."""
-    choice = "toy" if args.toy_renderer else args.image_decoder
-    if choice == "auto":
-        choice = "sdxl" if args.sd_base else "none"
-    if choice == "sdxl" and not args.sd_base:
-        raise ValueError("--image-decoder sdxl needs --sd-base (the SDXL base pipeline directory)")
-    args.image_decoder = choice
-    args.toy_renderer = choice == "toy"
-    if choice != "sdxl":  # SD_BASE may be set by run_demo.sh's defaults: it is not used then
-        args.sd_base = args.sd_refiner = ""
 
 
 def resolve_examples_path(path: str) -> str:
@@ -288,7 +267,7 @@ def resolve_examples_path(path: str) -> str:
 
 
 def settings_from_arguments(args: argparse.Namespace) -> DemoSettings:
-    from textbind.inference import generation_config_from_arguments
+    from textbind.runtime import generation_config_from_arguments
 
     generation = generation_config_from_arguments(args)
     if generation.seed is not None and generation.seed < 0:
@@ -337,19 +316,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from textbind.config import ConfigError
-    from textbind.inference import build_generator
+    from textbind.runtime import build_generator, setup_from_arguments
 
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     try:
         settings = settings_from_arguments(args)
-        generator = build_generator(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+        setup = setup_from_arguments(args)
+        generator = build_generator(setup)
+    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     demo = build_app(generator, settings)
-    logger.info("serving on http://%s:%d (image decoder: %s)", args.host, args.port, args.image_decoder)
+    logger.info("serving on http://%s:%d (image decoder: %s)", args.host, args.port, setup.image_decoder.value)
     try:
         launch(demo, settings, args.host, args.port, share=args.share)
     finally:
