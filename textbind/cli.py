@@ -34,7 +34,23 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "build": ("textbind.toy.build", "build the toy world's small random model"),
         "pretrain": ("textbind.toy.pretrain", "pretrain the toy vision encoder and Q-Former"),
         "evaluate": ("textbind.toy.evaluate", "held-out evaluation of a toy model"),
+        "llm-server": ("textbind.toy.llm_server", "the scripted toy conversation writer (OpenAI-compatible server)"),
     }),
+    "datagen": ("the data engine: image-caption pairs -> interleaved conversations -> stage-2 data", {
+        "run": ("textbind.datagen.run", "every step in order: embed, cluster, generate, filter, export"),
+        "embed": ("textbind.datagen.embed", "embed the images of the pairs (cached per input shard)"),
+        "cluster": ("textbind.datagen.cluster", "cluster the embeddings into topics, drop near-duplicates"),
+        "generate": ("textbind.datagen.generate", "sample images per conversation and ask the LLM (resumable)"),
+        "filter": ("textbind.datagen.filters", "filter raw LLM transcripts (raw.jsonl) with per-rule counts"),
+        "export": ("textbind.datagen.export", "write train/valid/test stage-2 JSON, images and stats.json"),
+        "rate": ("textbind.datagen.rate", "rate generated conversations in the browser (CSV of ratings)"),
+        "promote": ("textbind.datagen.promote", "add the best-rated conversations to the seed-example pool"),
+        "fetch-images": ("textbind.datagen.fetch_images", "download the released data's images from url_list"),
+        "convert": ("textbind.datagen.convert", "convert LLaVA-Instruct, cc_sbu_align or Alpaca data to stage 2"),
+    }),
+    "eval": ("textbind.eval.cli", "score a model: TextBindEval, MME, MMBench, toy (report.html)"),
+    "serve": ("textbind.serve.api", "OpenAI-compatible API server with text and image answers"),
+    "export": ("textbind.export_hf", "write a trained model as a stock transformers Blip2 directory"),
 }
 
 

@@ -227,9 +227,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML run config (which may `include:` other YAML files), then apply key=value overrides."""
-    config = RunConfig()
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                config_type: type = RunConfig) -> Any:
+    """Load a YAML config (which may `include:` other YAML files), then apply key=value overrides.
+
+    `config_type` is a dataclass of section dataclasses (RunConfig by default; the data engine has its
+    own) with a `validate()` method that returns the config.
+    """
+    config = config_type()
     if path:
         for values in _read_yaml_chain(Path(path)):
             _apply(config, values, "")
@@ -252,7 +257,7 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, 
     return chain + [values]
 
 
-def config_to_dict(config: RunConfig) -> dict[str, Any]:
+def config_to_dict(config: Any) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return list(value)
@@ -264,7 +269,7 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     }
 
 
-def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+def save_config(config: Any, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
