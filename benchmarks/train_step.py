@@ -20,11 +20,11 @@ from textbind.data.collate import collate
 from textbind.data.conversation import Conversation, Turn
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder
+from textbind.loss import compute_loss
 from textbind.model.builder import build_model
 from textbind.tiny import TinySizes, build_tiny_pretrained
 from textbind.toy.build import TOY_SIZES
 from textbind.toy.renderer import ToyRenderer
-from textbind.train import compute_loss
 
 
 def conversations(with_branches: bool, count: int) -> list[Conversation]:

@@ -45,8 +45,8 @@ def overfit(model_config, conversations: list[Conversation], steps: int, lr: flo
     from textbind.data.collate import collate
     from textbind.data.samples import prepare_sample
     from textbind.data.sequence import ConversationEncoder
+    from textbind.loss import compute_loss
     from textbind.model.builder import build_model
-    from textbind.train import compute_loss
 
     torch.manual_seed(0)
     bundle = build_model(replace(model_config, trainable=list(MODULE_NAMES)))

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from textbind.data.collate import collate
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder
+from textbind.loss import compute_loss
 from textbind.model.mim import IGNORE_INDEX
-from textbind.train import compute_loss
 
 from helpers import conversation, one_output_image, several_output_images
 

@@ -8,8 +8,8 @@ import torch
 from textbind.data.collate import allowed_attention, attention_mask_for, collate
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder
+from textbind.loss import compute_loss
 from textbind.model.builder import build_model
-from textbind.train import compute_loss
 
 from helpers import conversation, one_output_image, several_output_images
 

@@ -22,7 +22,6 @@ import torch
 
 from textbind.checkpoint import save_trained_modules
 from textbind.config import RunConfig, load_config, save_config
-from textbind.data.collate import Batch, attention_mask_for
 from textbind.data.sequence import ConversationEncoder
 from textbind.data.streams import (
     Stage1Source,
@@ -32,30 +31,14 @@ from textbind.data.streams import (
     TrainStream,
     load_stage2_groups,
 )
+from textbind.loss import compute_loss
 from textbind.model.builder import ModelBundle, build_model
-from textbind.model.mim import MIMModel, MIMOutput
+from textbind.model.mim import MIMModel
 
 logger = logging.getLogger("textbind.train")
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
-
-
-def compute_loss(model: Any, batch: Batch, *, return_logits: bool = False) -> MIMOutput:
-    """The model's loss on one batch (mean over supervised tokens); pure, no engine needed.
-
-    `model` is a MIMModel or a DeepSpeed engine wrapping one (its forward runs the engine's hooks).
-    """
-    module: MIMModel = getattr(model, "module", model)
-    batch = batch.to(module.device, dtype=module.dtype)
-    return model(
-        input_ids=batch.input_ids,
-        attention_mask=attention_mask_for(batch, module.dtype),
-        position_ids=batch.position_ids,
-        pixel_values=batch.pixel_values,
-        targets=batch.targets,
-        return_logits=return_logits,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- setup

@@ -21,8 +21,8 @@ from textbind.data.conversation import DataError
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder
 from textbind.data.streams import Stage1Source, Stage2Source, load_stage2_groups
+from textbind.loss import compute_loss
 from textbind.model.builder import build_model
-from textbind.train import compute_loss
 
 logger = logging.getLogger("textbind.validate")
 
