@@ -309,16 +309,16 @@ class TrainStream(IterableDataset):
         """(raw item, cursor after it) from `cursor` on, pass after pass; the source seeks to the cursor."""
         global_worker = self.rank * self.logical_workers + worker
         total_workers = self.world_size * self.logical_workers
-        pass_index, token = cursor["pass"], cursor["token"]
+        pass_index, start = cursor["pass"], cursor["token"]
         while True:
             produced = False
-            for item, token in self.source.raw_items(pass_index, global_worker, total_workers, self.seed, token):
+            for item, token in self.source.raw_items(pass_index, global_worker, total_workers, self.seed, start):
                 produced = True
                 yield item, {"pass": pass_index, "token": token}
-            if not produced and token is None:
+            if not produced and start is None:
                 raise DataError(f"rank {self.rank} worker {worker} got no data: too few samples for "
                                 f"{total_workers} reader(s)")
-            pass_index, token = pass_index + 1, None
+            pass_index, start = pass_index + 1, None
 
     def __iter__(self) -> Iterator[TaggedBatch]:
         info = get_worker_info()

@@ -21,13 +21,11 @@ from transformers import (
 )
 
 from textbind import IMAGE_TOKEN, SPECIAL_TOKENS
-from textbind.config import ModelConfig
+from textbind.checkpoint import load_torch_state_dict, load_trained_modules
+from textbind.config import ConfigError, ModelConfig, torch_dtype
 from textbind.model.mim import MIMModel
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class ModelBundle:
@@ -76,21 +74,10 @@ def load_qformer_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_torch_state_dict(file), None
 
 
-def load_torch_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """A `torch.save`d dict of tensors, refusing any pickled object that is not a tensor."""
-    try:
-        state_dict = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler's errors have many types
-        raise ValueError(f"{file}: not a plain tensor state dict ({error})") from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{file}: expected a dict of tensors")
-    return state_dict
-
-
-def infer_qformer_config(state_dict: dict[str, torch.Tensor], num_heads: int = 0) -> Blip2QFormerConfig:
+def infer_qformer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> Blip2QFormerConfig:
     """Recover a Q-Former config from its weights (for legacy files that carry no config).
 
-    The head count is not in the weights: 0 means BLIP-2's head size of 64."""
+    The head count is not in the weights: None means BLIP-2's head size of 64."""
     hidden_size = state_dict["qformer.layernorm.weight"].shape[0]
     layer_indices = {int(key.split(".")[3]) for key in state_dict if key.startswith("qformer.encoder.layer.")}
     cross_layers = sorted(
@@ -120,7 +107,7 @@ def resize_embeddings_for_special_tokens(language_model: torch.nn.Module, vocab_
                     embedding.weight[old_size:] = embedding.weight[:old_size].mean(dim=0, keepdim=True)
 
 
-def load_qformer(path: str, num_heads: int = 0) -> tuple[Blip2QFormerModel, torch.Tensor]:
+def load_qformer(path: str, num_heads: int | None = None) -> tuple[Blip2QFormerModel, torch.Tensor]:
     """The Q-Former and its (1, Q, D) query tokens from a `blip2_qformer` file (see load_qformer_weights)."""
     state_dict, qformer_config = load_qformer_weights(path)
     if qformer_config is not None:
@@ -138,7 +125,7 @@ def load_qformer(path: str, num_heads: int = 0) -> tuple[Blip2QFormerModel, torc
 
 def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBundle:
     """Assemble the model from the local paths in `config`, load trained modules, choose what trains."""
-    dtype = DTYPES[config.dtype]
+    dtype = torch_dtype(config.dtype)
     tokenizer = load_tokenizer(str(_require(config.language_model, "language_model")))
     image_processor = AutoImageProcessor.from_pretrained(
         str(_require(config.processor, "processor")), local_files_only=True
@@ -147,6 +134,11 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
         str(_require(config.vision_model, "vision_model")), dtype=dtype, local_files_only=True
     )
     qformer, query_tokens = load_qformer(config.qformer, config.qformer_num_heads)
+    if config.num_query_tokens is not None and config.num_query_tokens != query_tokens.shape[1]:
+        raise ConfigError(
+            f"model.num_query_tokens is {config.num_query_tokens} but {config.qformer} holds "
+            f"{query_tokens.shape[1]} query tokens: fix the config or leave the key unset (null)"
+        )
     language_model = AutoModelForCausalLM.from_pretrained(
         config.language_model, dtype=dtype, attn_implementation=config.attn_implementation, local_files_only=True
     )
@@ -159,8 +151,6 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     ).to(dtype)
     if load_checkpoint and config.checkpoint:
-        from textbind.checkpoint import load_trained_modules
-
         load_trained_modules(model, config.checkpoint)
     model.set_trainable(config.trainable)
     if config.gradient_checkpointing:
