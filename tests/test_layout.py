@@ -12,7 +12,8 @@ from textbind.config import RunConfig
 PACKAGE = Path(__file__).resolve().parents[1] / "textbind"
 SANDBOXES = ("textbind.toy", "textbind.testing")
 # The one sanctioned way into the sandbox: the decoder factory picks the toy renderer by name, lazily.
-ALLOWED = {("textbind/image_decoder.py", "textbind.toy.renderer"), ("textbind/image_decoder.py", "textbind.toy.renderer.ToyRenderer")}
+ALLOWED = {("textbind/image_decoder.py", "textbind.toy.renderer"),
+           ("textbind/image_decoder.py", "textbind.toy.renderer.ToyRenderer")}
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -40,7 +41,8 @@ def test_product_code_never_imports_the_toy_world_or_test_helpers():
 
 def test_the_check_sees_an_offending_import(tmp_path):
     offending = tmp_path / "offending.py"
-    offending.write_text("def f():\n    from textbind.toy.world import caption\n    import textbind.testing.tiny_sdxl\n")
+    offending.write_text("def f():\n    from textbind.toy.world import caption\n"
+                         "    import textbind.testing.tiny_sdxl\n")
     assert [m for m in imported_modules(offending) if m.startswith(SANDBOXES)] == [
         "textbind.toy.world", "textbind.toy.world.caption", "textbind.testing.tiny_sdxl"]
 
