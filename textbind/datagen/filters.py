@@ -205,7 +205,8 @@ class RecordFilter:
         if self.enabled("repeated_image_tag"):
             repeated = sorted({index for index in opened if opened.count(index) > 1})
             if repeated:
-                raise _Rejection("repeated_image_tag", f"tag <img{repeated[0]}> occurs {opened.count(repeated[0])} times")
+                raise _Rejection("repeated_image_tag",
+                                 f"tag <img{repeated[0]}> occurs {opened.count(repeated[0])} times")
         if self.enabled("image_index_out_of_range"):
             beyond = sorted({int(index) for index in ANY_TAG.findall(response) if int(index) >= len(images)})
             if beyond:
@@ -319,7 +320,8 @@ def read_raw_lines(path: Path, record_filter: RecordFilter) -> Iterable[tuple[An
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                yield None, source, record_filter.add_malformed(source, f"not valid JSON ({error})", text=line.rstrip("\n"))
+                message = f"not valid JSON ({error})"
+                yield None, source, record_filter.add_malformed(source, message, text=line.rstrip("\n"))
                 continue
             yield record, source, None
 
