@@ -54,7 +54,8 @@ def test_llava(tmp_path):
                             "--image-dir", str(tmp_path / "coco"))
     assert completed.returncode == 0, completed.stderr
     assert "wrote 4 conversations" in completed.stdout and "skipped 3" in completed.stdout
-    for name in ("record 4 conversations[0]: unknown speaker 'bot'", "record 5: 2 <image> markers", "record 6: the conversation must end"):
+    for name in ("record 4 conversations[0]: unknown speaker 'bot'", "record 5: 2 <image> markers",
+                 "record 6: the conversation must end"):
         assert name in completed.stderr, name
     loaded = load_conversations(out, on_bad_record="error", check_images=True)
     by_id = dict(zip([record["id"] for record in json.loads(out.read_text())], loaded.conversations))
