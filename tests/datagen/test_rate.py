@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -128,3 +129,47 @@ def test_stage2_files_show_their_images(tmp_path):
     session = RatingSession(views, RatingStore(tmp_path / "ratings.csv"))
     messages, rating, _, _ = session.show(views[0].id)
     assert rating is None and any(isinstance(message["content"], dict) for message in messages)
+
+
+def test_promote_adds_the_best_rated_once_with_original_captions(tmp_path):
+    from textbind.datagen.promote import promote
+
+    filtered = write_filtered(tmp_path / "run")
+    lines = filtered.read_text().splitlines()
+    first = json.loads(lines[0])  # the assistant quotes image 0 with a typo the filter tolerates
+    first["turns"][1]["content"] = "It is <img0>a rde square</img0>."
+    first["turns"][0]["content"] = "Show me a square please."
+    filtered.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    store = RatingStore(tmp_path / "ratings.csv")
+    for identifier, rating in (("c0", "Poor"), ("c0", "Excellent"), ("c1", "Poor"), ("c2", "Satisfactory"),
+                               ("ghost", "Excellent")):
+        store.add(identifier, rating, "")
+    default_pool = tmp_path / "seed_examples.jsonl"
+    shipped = {"id": "seed-1", "images": [{"caption": "a cat"}],
+               "response": "Human: <img0>a cat</img0>?\nAssistant: A cat."}
+    default_pool.write_text(json.dumps(shipped) + "\n")
+    pool = tmp_path / "next" / "pool.jsonl"
+
+    summary = promote(store.path, filtered, pool, default_pool=default_pool)
+    assert summary["distribution"] == {"Excellent": 1, "Satisfactory": 1, "Poor": 1} and summary["unrated"] == 0
+    assert (summary["added"], summary["pool_size"], summary["started_from"]) == (1, 2, str(default_pool))
+    assert summary["problems"] == ["rated id ghost is not in " + str(filtered)]
+    entries = [json.loads(line) for line in pool.read_text().splitlines()]
+    assert entries[0] == shipped
+    assert entries[1] == {"id": "c0", "images": [{"caption": "a red square"}], "response":
+                          "Human: Show me a square please.\nAssistant: It is <img0>a red square</img0>.\n"
+                          "Human: Thanks 0.\nAssistant: Welcome."}
+    # A promoted example is itself a transcript the filters keep.
+    assert filter_records([entries[1]]).kept
+
+    again = promote(store.path, filtered, pool, default_pool=default_pool)
+    assert (again["added"], again["duplicates"], again["pool_size"]) == (0, 1, 2)
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "textbind", "datagen", "promote", "--ratings", str(store.path), "--input",
+         str(filtered), "--pool", str(pool), "--min-rating", "Satisfactory"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "Excellent" in completed.stdout and "33.3%" in completed.stdout
+    assert "added 1 conversation(s) rated Satisfactory or better" in completed.stdout
+    assert [json.loads(line)["id"] for line in pool.read_text().splitlines()] == ["seed-1", "c0", "c2"]
