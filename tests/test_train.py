@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,13 @@ def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
     final = build_model(ModelConfig(**tiny_paths, checkpoint=str(stage2 / "second_stage_model")))
     assert sorted(json.loads((stage2 / "second_stage_model/textbind.json").read_text())["modules"]) == [
         "language_model", "qformer", "qformer_projection", "query_tokens"]
-    assert final.model is not None
+    # the run's saved config rebuilds the same model: parts, query-token count, weights
+    saved = load_config(stage2 / "second_stage_model/config.yaml").model
+    assert saved.num_query_tokens == final.model.num_query_tokens
+    rebuilt = build_model(replace(saved, checkpoint=str(stage2 / "second_stage_model")))
+    rebuilt_state, final_state = rebuilt.model.state_dict(), final.model.state_dict()
+    assert rebuilt_state.keys() == final_state.keys()
+    assert all(torch.equal(rebuilt_state[key], final_state[key]) for key in final_state)
     # validation loss through the script: the trained model fits its repeated data better than the start
     result = run(["bash", "scripts/run_second_stage_val.sh", "model.dtype=float32", "train.micro_batch_size=2"],
                  {**env, "VAL_DATA_PATH": data["small2"], "IMAGE_DIR": data["small_images"],
@@ -243,7 +250,7 @@ def test_zero3_matches_zero2(tiny_paths, data, tmp_path):
 
 
 def test_lr_multipliers_make_groups(bundle):
-    from textbind.train import lr_groups
+    from textbind.optim import lr_groups
 
     groups = lr_groups(bundle.model, 1e-4, {"qformer": 3.0})
     by_lr = {group["lr"]: sum(p.numel() for p in group["params"]) for group in groups}
