@@ -165,6 +165,29 @@ def test_resume_is_exact(tiny_paths, data, tmp_path):
     assert a == b
 
 
+def test_lora_resume_is_exact(tiny_paths, data, tmp_path):
+    """Stage 2 with LoRA adapters, killed after a checkpoint and resumed: the same losses and merged export."""
+    common = ["--config", "configs/train/second_stage_lora.yaml", *tiny_overrides(tiny_paths), *FAST,
+              f"data.train_path={data['stage2']}", f"data.image_dir={data['images']}", "model.checkpoint=",
+              "train.micro_batch_size=2", "train.global_batch_size=2", "train.max_steps=4", "train.save_every=2",
+              "optim.warmup_steps=1", "model.gradient_checkpointing=false", "train.lora.rank=4",
+              "train.deepspeed_config=configs/deepspeed/cpu_fp32.json"]
+    train = [sys.executable, "-m", "textbind", "train"]
+    run([*train, *common, f"train.output_dir={tmp_path / 'straight'}"], {})
+    killed_at = run_until_checkpoint([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {},
+                                     tmp_path / "resumed", step=2)
+    assert killed_at == 2 and not (tmp_path / "resumed/second_stage_model").exists()
+    run([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {})
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    for step in range(1, 5):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-7), step
+    a = (tmp_path / "straight/second_stage_model/model.safetensors").read_bytes()
+    b = (tmp_path / "resumed/second_stage_model/model.safetensors").read_bytes()
+    assert a == b
+    assert (tmp_path / "resumed/second_stage_model/adapter/adapter_model.safetensors").is_file()
+    assert straight[4]["loss"] < straight[1]["loss"]
+
+
 def test_two_ranks_disjoint_data_and_resume(tiny_paths, data, tmp_path):
     env = {**model_env(tiny_paths), "NUM_GPUS": "2", "TRAIN_DATA_PATH": data["stage2"], "IMAGE_DIR": data["images"],
            "CHECKPOINT": "", "QFORMER": tiny_paths["qformer"], "OUTPUT_DIR": str(tmp_path / "run")}

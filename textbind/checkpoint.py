@@ -36,6 +36,7 @@ CONFIG_NAME = "config.yaml"
 INFO_NAME = "textbind.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
+ADAPTER_DIR = "adapter"  # the LoRA adapters alone, beside a merged export (train.lora.save_adapter)
 
 
 # --- Resumable run state ------------------------------------------------------------------------------------
@@ -155,10 +156,14 @@ class LoadReport:
 
 def trained_state_dict(model: MIMModel, module_names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the named top-level modules (default: those that train), keys as in the release."""
+    from textbind.model.lora import has_lora, merged_state_dict
+
     names = module_names if module_names is not None else model.trainable_module_names()
     state = {}
     seen_storage: set[int] = set()
-    for key, value in model.state_dict().items():
+    # Adapters are merged into their base weights: an export loads into a plain model, LoRA or not.
+    full_state = merged_state_dict(model) if has_lora(model.language_model) else model.state_dict()
+    for key, value in full_state.items():
         if key.split(".")[0] not in names:
             continue
         tensor = value.detach().cpu().contiguous()
@@ -190,6 +195,8 @@ def save_trained_modules(
             save_config(config, temporary / CONFIG_NAME)
         info = {"modules": modules, "num_tensors": len(state), **(extra_info or {})}
         (temporary / INFO_NAME).write_text(json.dumps(info, indent=2))
+        if config is not None and config.train.lora.save_adapter:
+            _save_adapter(model, temporary / ADAPTER_DIR)
         if output.exists():
             previous = output.with_name(f".{output.name}.old")
             shutil.rmtree(previous, ignore_errors=True)
@@ -213,6 +220,20 @@ def load_torch_state_dict(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{file}: expected a dict of tensors")
     return state_dict
+
+
+def _save_adapter(model: MIMModel, directory: Path) -> None:
+    """The language model's LoRA adapters alone, as PEFT saves them (adapter_model.safetensors + its config)."""
+    from textbind.model.lora import adapter_state_dict
+
+    language_model = model.language_model
+    lora_config = getattr(language_model, "textbind_lora_config", None)
+    if lora_config is None:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(language_model), str(directory / "adapter_model.safetensors"))
+    lora_config.base_model_name_or_path = getattr(language_model.config, "_name_or_path", None)
+    lora_config.save_pretrained(str(directory))
 
 
 def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

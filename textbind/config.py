@@ -51,6 +51,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
     attn_implementation: str = "sdpa"  # the language model's attention: sdpa | eager | flex_attention
     gradient_checkpointing: bool = False  # recompute the language model's activations in backward (memory)
+    quantize: str | None = None  # 4bit | 8bit: load the language model quantized for inference (CUDA + bitsandbytes)
 
     def validate(self) -> None:
         unknown = [name for name in self.trainable if name not in MODULE_NAMES]
@@ -60,6 +61,8 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_query_tokens is not None and self.num_query_tokens <= 0:
             raise ConfigError("model.num_query_tokens must be positive (or null: as the Q-Former file holds)")
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"model.quantize must be 4bit, 8bit or null, got {self.quantize!r}")
         if self.qformer_num_heads is not None and self.qformer_num_heads <= 0:
             raise ConfigError("model.qformer_num_heads must be positive (or null)")
 
@@ -109,6 +112,23 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on the language model (PEFT); the Q-Former and projector still train fully."""
+
+    enabled: bool = False  # the language model trains through adapters only (whatever model.trainable says)
+    rank: int = 16  # r of each adapter
+    alpha: float = 32.0  # scaling = alpha / rank
+    dropout: float = 0.05
+    target_modules: list[str] = field(  # the language model's linear layers that get an adapter
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    save_adapter: bool = False  # also write the adapter alone (PEFT layout) beside the merged export
+
+    def validate(self) -> None:
+        if self.enabled and (self.rank < 1 or not self.target_modules):
+            raise ConfigError("train.lora: rank must be positive and target_modules not empty")
+
+
+@dataclass
 class TrainConfig:
     """Batching, length, checkpointing and logging of one run."""
 
@@ -129,6 +149,8 @@ class TrainConfig:
     tensorboard: bool = True  # TensorBoard events in output_dir/tensorboard
     record_samples: bool = False  # write output_dir/samples/rank{R}.jsonl: which samples each step saw
     wandb_project: str | None = None  # Weights & Biases project (with WANDB_API_KEY set); null: off
+    lora: LoraConfig = field(default_factory=LoraConfig)  # train.lora.*: adapters instead of full fine-tuning
+    quantize: str | None = None  # 4bit | 8bit: load the frozen language model quantized (QLoRA; CUDA + bitsandbytes)
 
     def validate(self) -> None:
         for name in ("epochs", "micro_batch_size", "global_batch_size", "log_every", "keep_last"):
@@ -138,6 +160,11 @@ class TrainConfig:
             raise ConfigError(f"train.save_every must be 0 or more, got {self.save_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be positive (or null: derived from epochs), got {self.max_steps}")
+        self.lora.validate()
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"train.quantize must be 4bit, 8bit or null, got {self.quantize!r}")
+        if self.quantize and not self.lora.enabled:
+            raise ConfigError("train.quantize needs train.lora.enabled=true: a quantized model trains through adapters")
         if self.precision not in (None, "bf16", "fp16", "fp32"):
             raise ConfigError(f"train.precision must be bf16, fp16, fp32 or null, got {self.precision!r}")
 

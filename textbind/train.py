@@ -194,7 +194,7 @@ def setup_run(config: RunConfig, rank: int, world_size: int, device: torch.devic
     plan = make_plan(config, world_size, samples_per_epoch)
 
     torch.manual_seed(config.train.seed)  # the same fresh weights (projector) on every rank
-    bundle = build_model(config.model)
+    bundle = build_model(config.model, lora=config.train.lora, quantize=config.train.quantize)
     model = bundle.model
     model.train()
     config.model.num_query_tokens = model.num_query_tokens  # the saved config records what was built

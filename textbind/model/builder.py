@@ -23,6 +23,7 @@ from transformers import (
 from textbind import IMAGE_TOKEN, SPECIAL_TOKENS
 from textbind.checkpoint import load_torch_state_dict, load_trained_modules
 from textbind.config import ConfigError, ModelConfig, torch_dtype
+from textbind.model.lora import add_lora
 from textbind.model.mim import MIMModel
 
 logger = logging.getLogger(__name__)
@@ -123,9 +124,35 @@ def load_qformer(path: str, num_heads: int | None = None) -> tuple[Blip2QFormerM
     return qformer, state_dict["query_tokens"]
 
 
-def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBundle:
-    """Assemble the model from the local paths in `config`, load trained modules, choose what trains."""
+def quantization_config(mode: str | None, compute_dtype: torch.dtype, where: str) -> Any:
+    """bitsandbytes settings for `4bit` (NF4, double quantization: QLoRA's) or `8bit`; None when off."""
+    if mode is None:
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}={mode} needs a CUDA GPU (bitsandbytes quantizes on the GPU); this machine has none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"{where}={mode} needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def build_model(config: ModelConfig, *, load_checkpoint: bool = True, lora: Any = None,
+                quantize: str | None = None) -> ModelBundle:
+    """Assemble the model from the paths in `config`, load trained modules, choose what trains.
+
+    `lora` (a `textbind.config.LoraConfig`, enabled) adds adapters to the language model, which then
+    trains through them only; `quantize` (or `config.quantize`) loads the language model in 4 or 8 bits.
+    """
     dtype = torch_dtype(config.dtype)
+    quantize = quantize or config.quantize
+    where = "train.quantize" if quantize and quantize != config.quantize else "model.quantize"
+    bits = quantization_config(quantize, dtype, where)
     tokenizer = load_tokenizer(str(_require(config.language_model, "language_model")))
     image_processor = AutoImageProcessor.from_pretrained(
         str(_require(config.processor, "processor")), local_files_only=True
@@ -139,8 +166,10 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
             f"model.num_query_tokens is {config.num_query_tokens} but {config.qformer} holds "
             f"{query_tokens.shape[1]} query tokens: fix the config or leave the key unset (null)"
         )
+    quantized = {} if bits is None else {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
     language_model = AutoModelForCausalLM.from_pretrained(
-        config.language_model, dtype=dtype, attn_implementation=config.attn_implementation, local_files_only=True
+        config.language_model, dtype=dtype, attn_implementation=config.attn_implementation, local_files_only=True,
+        **quantized,
     )
     resize_embeddings_for_special_tokens(language_model, len(tokenizer))
     model = MIMModel(
@@ -149,10 +178,23 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
         query_tokens=query_tokens,
         language_model=language_model,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-    ).to(dtype)
+    )
+    if bits is None:
+        model.to(dtype)
+    else:  # quantized weights keep their storage; the other parts go to the dtype and the LLM's device
+        for part in (model.vision_model, model.qformer, model.qformer_projection):
+            part.to(device=language_model.device, dtype=dtype)
+        model.query_tokens.data = model.query_tokens.data.to(device=language_model.device, dtype=dtype)
     if load_checkpoint and config.checkpoint:
         load_trained_modules(model, config.checkpoint)
     model.set_trainable(config.trainable)
+    if lora is not None and lora.enabled:
+        if bits is not None:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=config.gradient_checkpointing)
+        adapted = add_lora(language_model, lora)
+        logger.info("LoRA rank %d on %d layers of the language model", lora.rank, len(adapted))
     if config.gradient_checkpointing:
         # transformers renamed the switch (5.2x); prefer the new name where it exists.
         if hasattr(language_model, "activation_checkpointing_enable"):
