@@ -76,7 +76,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float
     scores = []
     for prediction, reference in zip(predictions, references, strict=True):
         if not prediction.strip() or not reference.strip():
-            scores.append(float(prediction.strip() == reference.strip() == ""))
+            scores.append(0.0)  # nothing to compare (a failed item has no answer): no credit
             continue
         scores.append(float(rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"]))
     return scores

@@ -149,8 +149,8 @@ def write_results(records: list[dict[str, Any]], results_dir: Path) -> None:
     lines: dict[str, list[str]] = {}
     for record in records:
         reference = record["reference"]
-        if "subtask" not in reference:
-            continue
+        if "subtask" not in reference or reference.get("answer", "").lower() not in ("yes", "no"):
+            continue  # a malformed question line: counted as failed in report.json, not an official line
         prediction = "" if record.get("error") else (record.get("prediction") or {}).get("content", "")
         fields = [reference["image"], reference["question"], reference["answer"], prediction]
         lines.setdefault(reference["subtask"], []).append("\t".join(_single_line(field) for field in fields))

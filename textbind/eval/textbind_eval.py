@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 def _context(conversation: Conversation, turn_index: int) -> Conversation:
     context = Conversation(conversation.turns[:turn_index], conversation.image_dir,
-                           f"{conversation.source} turn {turn_index}")
+                           f"{conversation.source} (context of turn {turn_index})")
     validate_conversation(context, for_inference=True)  # DataError names a missing image file
     return context
 
