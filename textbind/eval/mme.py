@@ -94,7 +94,8 @@ class MME:
         folders = [folder for folder in sorted(self.root.iterdir())
                    if folder.is_dir() and folder.name in PERCEPTION + COGNITION]
         if not folders:
-            raise DataError(f"{self.root}: no MME subtask folder (expected some of {', '.join(PERCEPTION + COGNITION)})")
+            expected = ", ".join(PERCEPTION + COGNITION)
+            raise DataError(f"{self.root}: no MME subtask folder (expected some of {expected})")
         return folders
 
     def items(self) -> list[EvalItem]:

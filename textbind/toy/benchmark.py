@@ -135,7 +135,8 @@ class ToyBenchmark:
             drawn += right
             item_scores[record["id"]] = {"correct": float(right)}
             if not right and len(draw_failures) < MAX_FAILURES:
-                draw_failures.append({"request": reference.get("request", ""), "expected": reference["expected_caption"],
+                draw_failures.append({"request": reference.get("request", ""),
+                                      "expected": reference["expected_caption"],
                                       "emitted": emitted, "answer": prediction.get("content", "")})
         metrics = {
             "caption_attribute_accuracy": Metric(described / max(1, len(describe)), len(describe)),
