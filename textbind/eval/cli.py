@@ -1,4 +1,4 @@
-"""`textbind eval`: score a model on TextBindEval, MME, MMBench or the toy world; report.json and report.html.
+r"""`textbind eval`: score a model on TextBindEval, MME, MMBench or the toy world; report.json and report.html.
 
     textbind eval textbind --data data/textbind/test.json --output-dir runs/eval \
         --config configs/model/llama2_7b.yaml --checkpoint checkpoint/second_stage_model.pt \
