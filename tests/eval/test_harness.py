@@ -161,3 +161,13 @@ def test_report_renders_in_chromium(tmp_path, conversations, scripted, image_dir
             browser.close()
     assert errors == []
     assert "src=\"file:" not in page_path.read_text() and "http" not in page_path.read_text().split("<body>")[1]
+
+
+def test_malformed_benchmark_file_is_reported_before_the_model_loads(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"conversation": [')
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["textbind", "--data", str(broken), "--output-dir", str(tmp_path / "out"),
+                   "--language-model", str(tmp_path / "no-such-model"), "--image-decoder", "none"])
+    assert exit_info.value.code == 2
+    assert f"{broken}: cannot read a JSON list" in capsys.readouterr().err

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # ConfigError too
         parser.error(str(error))
     try:
+        for benchmark in benchmarks:  # a malformed benchmark file is reported before the model loads
+            logger.info("%s: %d items", benchmark.name, len(benchmark.items()))
         generator = build_generator(setup)
         run_settings = {"setup": asdict(setup), "max_length": generator.max_length}
         summaries = {}

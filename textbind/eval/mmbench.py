@@ -132,6 +132,7 @@ class MMBench:
         self.path = Path(data_path)
         self.options = options
         self._rows: list[dict[str, str]] | None = None
+        self._by_index: dict[str, dict[str, str]] | None = None
 
     def rows(self) -> list[dict[str, str]]:
         if self._rows is None:
@@ -151,7 +152,9 @@ class MMBench:
     def _conversation(self, row: dict[str, str], options: dict[str, str], source: str) -> Conversation:
         encoded = _cell(row, "image")
         if len(encoded) <= 64:  # a reference to the row that holds the image
-            target = next((other for other in self.rows() if _cell(other, "index") == encoded), None)
+            if self._by_index is None:
+                self._by_index = {_cell(other, "index"): other for other in self.rows()}
+            target = self._by_index.get(encoded)
             if target is None or len(_cell(target, "image")) <= 64:
                 raise DataError(f"{source}: image cell {encoded!r} is neither an image nor the index of a row with one")
             encoded = _cell(target, "image")
