@@ -91,6 +91,10 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, conversations, tiny_gener
     # A run with other settings does not mix its answers into these.
     with pytest.raises(DataError, match="other settings"):
         run_benchmark(tiny_generator, benchmark, out, GenerationConfig(max_new_tokens=7), progress=False)
+    path.write_text(path.read_text().rstrip("\n"))  # killed between a record and its newline
+    run_benchmark(tiny_generator, benchmark, out, CONFIG, progress=False)
+    assert list(read_predictions(path)) == ["0:1", "0:3", "1:1", "2:1", "3", "4:1"]
+    assert path.read_text().endswith("}\n")  # the next record will start on its own line
     with pytest.raises(DataError, match="line 2"):
         path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
         read_predictions(path)

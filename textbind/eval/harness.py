@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -135,6 +135,10 @@ def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
                 raise DataError(f"{path} line {number}: not a prediction record ({error})") from error
             records[str(record["id"])] = record
         offset += len(line) + 1
+    else:
+        if raw and not raw.endswith(b"\n"):  # the last record is whole but its newline was not written
+            with open(path, "ab") as file:
+                file.write(b"\n")
     return records
 
 
@@ -262,6 +266,11 @@ def write_report(benchmark: Benchmark, records: list[dict[str, Any]], directory:
     return report
 
 
-def iter_records(directory: Path) -> Iterable[dict[str, Any]]:
-    """The prediction records of a finished benchmark directory, in file order."""
-    return read_predictions(directory / PREDICTIONS_FILE).values()
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Path, size and modification time of a data file: an edited file does not resume old predictions."""
+    file = Path(path)
+    try:
+        status = file.stat()
+    except OSError:
+        return {"path": str(file)}
+    return {"path": str(file.resolve()), "size": status.st_size, "modified_ns": status.st_mtime_ns}

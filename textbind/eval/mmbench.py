@@ -32,7 +32,7 @@ from PIL import Image
 
 from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.eval.config import EvalConfig
-from textbind.eval.harness import EvalItem, Metric, Scores
+from textbind.eval.harness import EvalItem, Metric, Scores, file_fingerprint
 from textbind.eval.metrics import mean_interval
 from textbind.generation import GenerationConfig
 
@@ -140,7 +140,7 @@ class MMBench:
         return self._rows
 
     def settings(self) -> dict[str, Any]:
-        return {"path": str(self.path.resolve()), "circular": self.options.circular,
+        return {"file": file_fingerprint(self.path), "circular": self.options.circular,
                 "instruction": self.options.mmbench_instruction}
 
     def generation_config(self, config: GenerationConfig) -> GenerationConfig:

@@ -24,7 +24,7 @@ import numpy as np
 from textbind.data.conversation import Conversation, DataError, load_image, parse_record, validate_conversation
 from textbind.diversity import turn_diversity
 from textbind.eval.config import EvalConfig
-from textbind.eval.harness import EvalItem, Metric, Scores
+from textbind.eval.harness import EvalItem, Metric, Scores, file_fingerprint
 from textbind.eval.metrics import (
     ClipSimilarity,
     bertscore_f1,
@@ -56,7 +56,7 @@ class TextBindEval:
         self.options = options
 
     def settings(self) -> dict[str, Any]:
-        return {"path": str(self.path.resolve()), "turns": self.options.turns, "image_dir": self.options.image_dir}
+        return {"file": file_fingerprint(self.path), "turns": self.options.turns, "image_dir": self.options.image_dir}
 
     def generation_config(self, config: GenerationConfig) -> GenerationConfig:
         return config

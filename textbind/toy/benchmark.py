@@ -20,7 +20,7 @@ from typing import Any
 
 from textbind.data.conversation import Conversation, DataError, Turn, parse_record
 from textbind.eval.config import EvalConfig
-from textbind.eval.harness import EvalItem, Metric, Scores
+from textbind.eval.harness import EvalItem, Metric, Scores, file_fingerprint
 from textbind.generation import GenerationConfig
 from textbind.toy.world import COLOURS, parse_caption, scene_attributes_match
 
@@ -56,7 +56,8 @@ class ToyBenchmark:
         self.limit_per_set = limit_per_set  # only the first N items of each set (0: all)
 
     def settings(self) -> dict[str, Any]:
-        return {"path": str(self.eval_dir.resolve()), "limit_per_set": self.limit_per_set}
+        return {"describe": file_fingerprint(self.eval_dir / "describe.json"),
+                "draw": file_fingerprint(self.eval_dir / "draw.json"), "limit_per_set": self.limit_per_set}
 
     def generation_config(self, config: GenerationConfig) -> GenerationConfig:
         return replace(config, max_new_tokens=min(config.max_new_tokens, MAX_NEW_TOKENS),
