@@ -29,8 +29,8 @@ table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .item { border: 1px solid #bbb; border-radius: 6px; padding: 0.6em; margin: 0.8em 0; }
-.pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; }
-.turn { background: #f6f6f6; padding: 0.5em; border-radius: 4px; white-space: pre-wrap; }
+.pair { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 1em; }
+.turn { background: #f6f6f6; padding: 0.5em; border-radius: 4px; white-space: pre-wrap; overflow-wrap: anywhere; }
 .caption { font-style: italic; color: #555; }
 .error { color: #a00; }
 img { max-width: 256px; max-height: 256px; display: block; margin: 0.3em 0; }
@@ -75,9 +75,14 @@ def _item_html(record: dict[str, Any], scores: dict[str, float], base: Path, lab
     reference = record.get("reference", {})
     prediction = record.get("prediction") or {}
     context = record.get("context") or []
-    user = next((turn for turn in reversed(context) if turn["role"] == "user"), None)
+    user = context[-1] if context and context[-1]["role"] == "user" else None
     parts = [f'<div class="item"><h4>{_escape(label)} item {_escape(record["id"])} '
              + " ".join(f"{_escape(k)}={v:.3f}" for k, v in scores.items()) + "</h4>"]
+    if len(context) > 1:  # the earlier turns, folded
+        earlier = "".join(f'<div class="turn"><b>{_escape(turn["role"])}:</b> {_escape(turn["content"])}'
+                          f'{_images([p for p in turn.get("images", []) if p], [], base)}</div>'
+                          for turn in context[:-1])
+        parts.append(f"<details><summary>{len(context) - 1} earlier turn(s)</summary>{earlier}</details>")
     if user:
         parts.append(f'<div class="turn"><b>user:</b> {_escape(user["content"])}'
                      f'{_images([p for p in user.get("images", []) if p], [], base)}</div>')
