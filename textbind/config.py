@@ -311,22 +311,31 @@ def config_help(config_type: type = RunConfig) -> str:
     import inspect
     import re
 
-    lines = []
-    root = config_type()
-    for section in dataclasses.fields(root):
-        value = getattr(root, section.name)
-        cls = type(value)
-        comments = {}
+    def comments_of(cls: type) -> dict[str, str]:
+        found = {}
         for line in inspect.getsource(cls).splitlines():
             match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
             if match:
-                comments[match.group(1)] = match.group(2)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        lines.append(f"{section.name}:  {doc}")
-        for item in dataclasses.fields(value):
-            default = getattr(value, item.name)
+                found[match.group(1)] = match.group(2)
+        return found
+
+    def describe(section: Any, prefix: str, lines: list[str]) -> None:
+        comments = comments_of(type(section))
+        for item in dataclasses.fields(section):
+            default = getattr(section, item.name)
+            if dataclasses.is_dataclass(default):
+                describe(default, f"{prefix}{item.name}.", lines)
+                continue
             shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
                                    default_flow_style=True).strip().removesuffix("...").strip()
             meaning = comments.get(item.name, "")
-            lines.append(f"  {section.name}.{item.name} = {shown}" + (f"    # {meaning}" if meaning else ""))
+            lines.append(f"  {prefix}{item.name} = {shown}" + (f"    # {meaning}" if meaning else ""))
+
+    lines: list[str] = []
+    root = config_type()
+    for section in dataclasses.fields(root):
+        value = getattr(root, section.name)
+        doc = (type(value).__doc__ or "").strip().splitlines()
+        lines.append(f"{section.name}:  {doc[0] if doc else ''}")
+        describe(value, f"{section.name}.", lines)
     return "\n".join(lines)
