@@ -36,7 +36,6 @@ import openai
 from tqdm import tqdm
 
 from textbind.data.conversation import DataError
-from textbind.data.streams import stable_seed
 from textbind.datagen.cluster import read_clusters
 from textbind.datagen.config import (
     DatagenConfig,
@@ -49,6 +48,7 @@ from textbind.datagen.pairs import materialize_images
 from textbind.datagen.prompt import PromptBuilder
 from textbind.datagen.report import update_report, write_jsonl
 from textbind.datagen.sample import PlannedConversation, SamplePlan, plan_conversations
+from textbind.datagen.seeding import stable_seed
 
 logger = logging.getLogger(__name__)
 

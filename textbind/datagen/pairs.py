@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from textbind.data.conversation import DataError
-from textbind.data.streams import IMAGE_EXTENSIONS, expand_shards
 from textbind.datagen.config import PairsConfig
 
 logger = logging.getLogger(__name__)
@@ -128,6 +126,8 @@ def list_sources(config: PairsConfig) -> list[Source]:
         raise DataError("pairs.path is not set: give webdataset shards or a JSON/JSONL/CSV/TSV file of pairs")
     kind = detect_format(config.path, config.format)
     if kind == "webdataset":
+        from textbind.data.streams import expand_shards  # imported here: the record-file path stays light
+
         return [Source(shard, "webdataset") for shard in expand_shards(config.path)]
     if not Path(config.path).is_file():
         raise DataError(f"pairs.path: file not found: {config.path}")
@@ -144,6 +144,10 @@ def read_source(source: Source, report: ReadReport) -> Iterator[PairItem]:
 
 
 def _read_shard(source: Source, report: ReadReport) -> Iterator[PairItem]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from textbind.data.streams import IMAGE_EXTENSIONS
+
     errors: list[Exception] = []
 
     def stop(error: Exception) -> bool:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textbind.data.conversation import DataError
-from textbind.data.streams import stable_seed
 from textbind.datagen.config import PromptConfig
+from textbind.datagen.seeding import stable_seed
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_TEMPLATE = DATA_DIR / "prompt_template.txt"

@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from textbind.data.streams import stable_seed
 from textbind.datagen.config import SampleConfig
 from textbind.datagen.pairs import Pair
+from textbind.datagen.seeding import stable_seed
 
 
 @dataclass
