@@ -23,7 +23,7 @@ class RunSection:
     """Where the engine writes and the seed every random choice derives from."""
 
     output_dir: str = "data/generated"  # every step reads and writes here (see the README for the layout)
-    seed: int = 0  # clustering, sampling, example choice and the split all derive from it
+    seed: int = 0  # clustering, sampling, example choice and request seeds derive from it (the split: export.seed)
     progress: bool = True  # tqdm progress bars
 
     def validate(self) -> None:
