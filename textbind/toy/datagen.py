@@ -1,16 +1,19 @@
-"""Synthetic data of the toy shapes world: stage-1 webdataset shards, stage-2 conversations, eval sets.
+"""Synthetic data of the toy shapes world: stage-1 shards, image-caption pairs, stage-2 conversations, eval sets.
 
 Everything is a pure function of ``seed``. Each writer draws from its own random stream
-(``stream_rng(seed, name)``), so stage 1, stage 2 and the held-out evaluation sets never share a
-sequence of scenes, even for neighbouring seeds.
+(``stream_rng(seed, name)``), so stage 1, the data engine's pairs, the synthetic stage 2 and the
+held-out evaluation sets never share a sequence of scenes, even for neighbouring seeds.
 
 Command line::
 
-    python -m textbind.toy.datagen --out data/toy --seed 0 \\
-        --stage1-samples 20000 --stage2-conversations 5000 --eval-describe 200 --eval-draw 200
+    python -m textbind.toy.datagen --out data/toy --seed 0 --stage1-samples 20000 \\
+        --pairs 6000 --stage2-conversations 0 --eval-describe 200 --eval-draw 200
 
-writes ``data/toy/stage1/{00000..}.tar``, ``data/toy/stage2/train.json`` with
-``data/toy/stage2/images/`` and ``data/toy/eval/{describe,draw}.json`` with ``data/toy/eval/images/``.
+writes ``data/toy/stage1/{00000..}.tar``, ``data/toy/pairs/pairs.jsonl`` with ``data/toy/pairs/images/``
+(the data engine's input: ``scripts/quickstart.sh`` makes stage 2 from them with the toy LLM server),
+``data/toy/stage2/train.json`` with ``data/toy/stage2/images/`` when ``--stage2-conversations`` is
+above 0 (conversations written directly, without the engine) and ``data/toy/eval/{describe,draw}.json``
+with ``data/toy/eval/images/``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ Record = dict[str, Any]
 STAGE1_STREAM = "stage1"
 STAGE2_STREAM = "stage2"
 EVAL_STREAM = "eval"
+PAIRS_STREAM = "pairs"
 IMAGE_EXTENSIONS = ("png", "jpg")
 
 
@@ -142,19 +146,23 @@ def write_stage1_shards(
 
 
 class _ImageStore:
-    """Draws scenes into ``image_dir`` as numbered PNG files."""
+    """Draws scenes into ``image_dir`` as numbered PNG files (without a directory: draws only)."""
 
-    def __init__(self, image_dir: Path, image_size: int, prefix: str = "") -> None:
+    def __init__(self, image_dir: Path | None, image_size: int, prefix: str = "") -> None:
         self.image_dir = image_dir
         self.image_size = image_size
         self.prefix = prefix
         self.count = 0
-        image_dir.mkdir(parents=True, exist_ok=True)
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
 
     def save(self, scene: Scene, rng: random.Random) -> str:
         name = f"{self.prefix}{self.count:06d}.png"
         self.count += 1
-        draw_scene(scene, image_size=self.image_size, rng=rng).save(self.image_dir / name, format="PNG")
+        # Drawing jitters the shapes from ``rng``: it runs even when nothing is saved, so the stream stays the same.
+        image = draw_scene(scene, image_size=self.image_size, rng=rng)
+        if self.image_dir is not None:
+            image.save(self.image_dir / name, format="PNG")
         return name
 
 
@@ -236,7 +244,10 @@ _SYSTEM_PROMPTS = (
 )
 
 
-def _conversation_record(rng: random.Random, images: _ImageStore, image_dir: str) -> Record:
+def _conversation_record(
+    rng: random.Random, images: _ImageStore, image_dir: str, kinds: list[tuple[str, ...]] | None = None
+) -> Record:
+    """One stage-2 record; its exchange kinds are appended to ``kinds`` when given."""
     conversation, turns = _stage2_conversation(rng, images)
     if rng.random() < 0.1:
         turns.append(
@@ -250,6 +261,8 @@ def _conversation_record(rng: random.Random, images: _ImageStore, image_dir: str
         # After looking at a user image, sometimes ask for a modified copy of it.
         if segment in (_describe_segment, _question_segment) and rng.random() < 0.25:
             _edit_pair(conversation)
+    if kinds is not None:
+        kinds.append(tuple(conversation.kinds))
     return {"conversation": turns, "image_dir": image_dir}
 
 
@@ -290,6 +303,71 @@ def write_stage2_json(
     ]
     _write_json_list(Path(out_path), records)
     return images.count
+
+
+def stage2_exchange_kinds(num_conversations: int, seed: int, image_size: int = 64) -> list[tuple[str, ...]]:
+    """The exchange kinds (``dialogue.EXCHANGE_KINDS``) of each conversation ``write_stage2_json`` writes."""
+    rng = stream_rng(seed, STAGE2_STREAM)
+    images = _ImageStore(None, image_size)
+    kinds: list[tuple[str, ...]] = []
+    for _ in range(num_conversations):
+        _conversation_record(rng, images, "", kinds)
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-caption pairs for the data engine
+
+
+def write_pairs(
+    out_dir: str | os.PathLike[str],
+    num_pairs: int,
+    seed: int,
+    image_size: int = 64,
+    family_sizes: Sequence[int] = (2, 3, 4, 5),
+    progress: bool = False,
+) -> Path:
+    """Write ``num_pairs`` image-caption pairs for the data engine; return the path of their JSONL file.
+
+    ``out_dir/pairs.jsonl`` holds one ``{"image": "images/KEY.png", "caption": ..., "key": KEY}`` per
+    line (the image path is relative to the file); ``KEY`` is the pair's index in nine digits.
+
+    Pairs come in families, like the photos of one subject in a real collection: a random scene, then
+    a walk of ``random_edit`` steps from it (a family of n scenes, n drawn from ``family_sizes``, no
+    scene twice), each drawn with its own jitter. Images that look alike are then often one edit apart,
+    which is what lets the toy conversation writer turn the images of one topic cluster into
+    drawing-and-editing conversations. The pairs draw from their own random stream (``PAIRS_STREAM``),
+    apart from the stage-1 shards, the synthetic stage-2 conversations and the evaluation sets.
+    """
+    if num_pairs < 1:
+        raise ValueError("num_pairs must be positive")
+    directory = Path(out_dir)
+    image_directory = directory / "images"
+    image_directory.mkdir(parents=True, exist_ok=True)
+    rng = stream_rng(seed, PAIRS_STREAM)
+    records = []
+    bar = tqdm(total=num_pairs, desc="toy pairs", unit="pair", disable=not progress)
+    while len(records) < num_pairs:
+        family = [random_scene(rng)]
+        size = rng.choice(list(family_sizes))
+        for _ in range(8 * size):  # a few tries more than needed: a step may come back to a scene of the family
+            if len(family) >= size:
+                break
+            _, edited = dialogue.random_edit(rng, family[-1])
+            if edited not in family:
+                family.append(edited)
+        for scene in family[: num_pairs - len(records)]:
+            key = f"{len(records):09d}"
+            draw_scene(scene, image_size=image_size, rng=rng).save(image_directory / f"{key}.png", format="PNG")
+            records.append({"image": f"images/{key}.png", "caption": caption(scene), "key": key})
+            bar.update(1)
+    bar.close()
+    path = directory / "pairs.jsonl"
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(temporary, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stage1-samples", type=int, default=20_000)
     parser.add_argument("--samples-per-shard", type=int, default=1_000)
     parser.add_argument("--stage2-conversations", type=int, default=5_000)
+    parser.add_argument(
+        "--pairs", type=int, default=0, help="image-caption pairs for the data engine (out/pairs/pairs.jsonl)"
+    )
     parser.add_argument("--eval-describe", type=int, default=200)
     parser.add_argument("--eval-draw", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=64)
@@ -422,6 +503,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"stage 2: {arguments.stage2_conversations} conversations in {train_path}, "
             f"{image_count} images in {image_dir}"
         )
+    if arguments.pairs > 0:
+        path = write_pairs(
+            out / "pairs", arguments.pairs, arguments.seed, image_size=arguments.image_size, progress=progress
+        )
+        print(f"pairs: {arguments.pairs} image-caption pairs in {path}")
     if arguments.eval_describe > 0 or arguments.eval_draw > 0:
         paths = write_eval_sets(
             out / "eval",
