@@ -117,7 +117,8 @@ def test_prompt_is_reproducible_and_ends_with_the_image_list(tmp_path):
     expected_tail = f"\n{IMAGES_HEADER}\n" + "\n".join(f"<img{i}>{c}</img{i}>" for i, c in enumerate(captions))
     assert user.endswith(expected_tail)
     assert user.count(f"\n{IMAGES_HEADER}\n") == 1  # examples never use the request's header line
-    assert len(re.findall(r"^Example \d+$", user, re.M)) == 2 and "{examples}" not in user and "{num_images}" not in user
+    assert len(re.findall(r"^Example \d+$", user, re.M)) == 2
+    assert "{examples}" not in user and "{num_images}" not in user
 
     # The examples come from the pool: an edited pool changes what the prompt shows.
     pool = tmp_path / "pool.jsonl"
@@ -125,7 +126,8 @@ def test_prompt_is_reproducible_and_ends_with_the_image_list(tmp_path):
                                 "response": "Human: Look: <img0>a red kite</img0>\nAssistant: Nice kite.\n"
                                             "Human: Thanks."}) + "\n")
     mine = PromptBuilder(PromptConfig(seed_examples=str(pool), num_examples=3), seed=7).messages(0, ["a cat"])
-    assert "<img0>a red kite</img0>" in mine[-1]["content"] and len(re.findall(r"^Example \d+$", mine[-1]["content"], re.M)) == 1
+    assert "<img0>a red kite</img0>" in mine[-1]["content"]
+    assert len(re.findall(r"^Example \d+$", mine[-1]["content"], re.M)) == 1
 
     template = tmp_path / "template.txt"
     template.write_text("[user]\nWrite something.\n{examples}\nImages:\n{images}\nThanks!\n")
