@@ -7,6 +7,7 @@ Writes to OUTPUT_DIR:
     cluster_members.jsonl  one line per kept pair: id, key, caption, image, url, cluster
     duplicates.jsonl       one line per removed pair: id, the kept pair it duplicates, their cosine similarity
 
+Similarities are cosines of the embeddings after subtracting their mean (`cluster.center`).
 Near-duplicates are looked for inside each cluster only (two images that similar land in the same
 cluster), which keeps the work linear in the number of clusters rather than quadratic in the data.
 Within a cluster, pairs are visited in input order; a pair is removed when its cosine similarity to a
@@ -83,6 +84,11 @@ def near_duplicates(vectors: np.ndarray, threshold: float) -> list[tuple[int, in
 def cluster_pairs(pairs: list[Pair], vectors: np.ndarray, config: ClusterConfig, seed: int) -> Clustering:
     if not pairs:
         raise DataError("no usable image-caption pairs to cluster (see the embed report for what was skipped)")
+    if config.center:
+        # Pooled image features share a large common direction; without it, similarities measure what
+        # tells images apart, so k-means finds topics and the duplicate threshold means what it says.
+        vectors = vectors - vectors.mean(axis=0, keepdims=True)
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     num_clusters = min(config.num_clusters, len(pairs))
     if num_clusters < config.num_clusters:
         logger.warning("cluster.num_clusters=%d but only %d pair(s): using %d clusters", config.num_clusters,

@@ -75,6 +75,7 @@ class ClusterConfig:
     """Topic clusters (k-means) and near-duplicate removal."""
 
     num_clusters: int = 100  # k of k-means (at most the number of distinct images)
+    center: bool = True  # subtract the mean embedding first (encoders often put every image in a narrow cone)
     dedup: bool = True  # drop near-duplicate images inside each cluster
     dedup_threshold: float = 0.95  # cosine similarity above which two images are near-duplicates
     examples_per_cluster: int = 5  # captions shown per cluster in clusters.json
