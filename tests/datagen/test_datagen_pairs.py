@@ -133,3 +133,50 @@ def test_blip2_embedding_is_cached_per_source_and_skips_unreadable_images(shards
     third = run_embed(config)
     assert [result.cached for result in third] == [True, False, True, True]
     assert third[1].pairs[0].caption == "navy square"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP directory (model, image processor, byte-level BPE tokenizer), built offline."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    from textbind.testing.tiny_sdxl import write_clip_tokenizer_files
+
+    directory = tmp_path_factory.mktemp("clip")
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(directory / "tokenizer"),
+                                              model_max_length=32, local_files_only=True)
+    tokenizer.save_pretrained(directory)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(directory)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("modality", ["image", "caption"])
+def test_clip_embeds_images_or_captions(tmp_path, pairs_file, tiny_clip, modality):
+    config = load_datagen_config(None, [f"run.output_dir={tmp_path / 'out'}", f"pairs.path={pairs_file}",
+                                        "embed.encoder=clip", f"embed.model_path={tiny_clip}",
+                                        f"embed.modality={modality}", "run.progress=false"])
+    (result,) = run_embed(config)
+    assert result.vectors.shape == (24, 16)
+    assert np.allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
+    # Distinct inputs get distinct vectors (the encoder is not blind), identical inputs identical ones.
+    inputs = [Path(pair.image).read_bytes() if modality == "image" else pair.caption for pair in result.pairs]
+    vectors = {tuple(np.round(vector, 4)) for vector in result.vectors}
+    assert len(vectors) == len(set(inputs)) == (15 if modality == "image" else 24)
+    (again,) = run_embed(config)
+    assert again.cached and np.array_equal(again.vectors, result.vectors)
+
+
+def test_the_shipped_configs_load():
+    for path in sorted(Path(__file__).resolve().parents[2].glob("configs/datagen/*.yaml")):
+        config = load_datagen_config(path)
+        assert config.embed.encoder == "blip2" and config.pairs.path and config.llm.base_url, path
+    with pytest.raises(Exception, match="embed.modality=caption"):
+        load_datagen_config(None, ["embed.modality=caption"])
