@@ -1,4 +1,4 @@
-"""Tests for the rating page: a real Gradio server (scripts/rate_data.sh) driven by gradio_client; resuming."""
+"""Tests for the rating page (a real Gradio server from scripts/rate_data.sh, Chromium, gradio_client) and promote."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from textbind.datagen.rate import RatingSession, RatingStore, load_conversations
 from demo_helpers import free_port
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
 
 
 def write_filtered(folder: Path) -> Path:
@@ -72,6 +75,28 @@ def rating_server(env: dict[str, str], log_path: Path, timeout: float = 90.0) ->
                 process.wait()
 
 
+def rate_in_browser(url: str) -> None:
+    """In headless Chromium: the page opens on the first unrated conversation (c0) with its image loaded; rate it."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (scripts/install_test_deps.sh installs Debian's chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=30_000)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("text=It is red.", timeout=60_000)
+            widths = page.locator("img[src*='red.png']").evaluate_all("images => images.map(i => i.naturalWidth)")
+            assert widths == [16]  # the conversation's image, served and decoded
+            page.get_by_label("Excellent").check()
+            page.get_by_label("Tags").fill("vivid,  correct")
+            page.get_by_role("button", name="Save rating and next").click()
+            page.wait_for_selector("text=It is green.", timeout=30_000)  # the next unrated conversation
+        finally:
+            browser.close()
+
+
 def test_rating_page_records_ratings_and_resumes(tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
@@ -90,7 +115,8 @@ def test_rating_page_records_ratings_and_resumes(tmp_path):
         assert len(files) == 1 and files[0].endswith("green.png")  # the image, inline, where the tag was
         assert [message["role"] for message in messages[:3]] == ["user"] * 3
 
-        shown = client.predict("c0", "Excellent", "vivid,  correct", False, api_name="/rate")
+        rate_in_browser(url)  # c0: Excellent, "vivid,  correct"
+        shown = client.predict("c1", api_name="/show")
         assert shown[0] == "c1" and "1 of 3 rated" in shown[4]
         with pytest.raises(AppError, match="choose a rating"):
             client.predict("c1", None, "no rating chosen", False, api_name="/rate")

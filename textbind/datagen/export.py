@@ -115,8 +115,13 @@ def _strip_special_tokens(text: str) -> str:
     return text
 
 
-def to_stage2(record: dict, store: ImageStore | None, image_root: Path | None) -> dict:
-    """One filtered record -> one stage-2 record; DataError names the record and the problem."""
+def to_stage2(record: dict, store: ImageStore | None, image_root: Path | None,
+              exported_names: dict[str, str] | None = None) -> dict:
+    """One filtered record -> one stage-2 record; DataError names the record and the problem.
+
+    `exported_names` caches raw image path -> exported name across records (images are shared widely).
+    """
+    exported_names = {} if exported_names is None else exported_names
     source = f"record {record.get('id', '?')}"
     turns, images = record.get("turns"), record.get("images") or []
     if not isinstance(turns, list):
@@ -138,10 +143,13 @@ def to_stage2(record: dict, store: ImageStore | None, image_root: Path | None) -
             path = image.get("image")
             if not isinstance(path, str) or not path:
                 raise DataError(f"{source}: images[{index}] has no 'image' path")
-            resolved = _resolve_image(path, image_root)
-            if not resolved.is_file():
-                raise DataError(f"{source}: images[{index}] file {resolved} not found")
-            name = store.add(resolved, str(image.get("key") or "")) if store else str(resolved.resolve())
+            name = exported_names.get(path)
+            if name is None:
+                resolved = _resolve_image(path, image_root)
+                if not resolved.is_file():
+                    raise DataError(f"{source}: images[{index}] file {resolved} not found")
+                name = store.add(resolved, str(image.get("key") or "")) if store else str(resolved.resolve())
+                exported_names[path] = name
             image_list.append(name)
             caption_list.append(str(image.get("caption", "")).strip())
             url_list.append(str(image.get("url") or ""))
@@ -194,9 +202,10 @@ def export_records(records: list[dict], out_dir: str | os.PathLike, config: Expo
         store = ImageStore(out / "images", config)
     root = Path(image_root) if image_root is not None else None
     exported, errors = [], []
+    exported_names: dict[str, str] = {}
     for index, record in enumerate(records):
         try:
-            stage2 = to_stage2(record, store, root)
+            stage2 = to_stage2(record, store, root, exported_names)
             validate_conversation(parse_record(stage2, f"record {record.get('id', index)}"), check_files=False)
         except DataError as error:
             errors.append(str(error))
@@ -205,7 +214,7 @@ def export_records(records: list[dict], out_dir: str | os.PathLike, config: Expo
         exported.append(stage2)
     splits = split_records(exported, config)
     for name in SPLITS:
-        write_json(out / f"{name}.json", splits[name])
+        write_json(out / f"{name}.json", splits[name], indent=None)
     stats = {
         **conversation_stats(exported),
         "splits": {name: len(splits[name]) for name in SPLITS},

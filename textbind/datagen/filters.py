@@ -334,10 +334,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(temporary, path)
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
+def write_json(path: Path, value: Any, indent: int | None = 2) -> None:
+    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file.
+
+    `indent=None` writes compact JSON with the C encoder, several times faster for large data files.
+    """
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    temporary.write_text(json.dumps(value, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(temporary, path)
 
 

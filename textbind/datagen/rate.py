@@ -72,7 +72,11 @@ def _filtered_view(record: dict, identifier: str, folder: Path) -> ConversationV
             index = int(match.group(1))
             image = images[index] if index < len(images) and isinstance(images[index], dict) else {}
             path = image.get("image")
-            resolved = str((folder / path).resolve()) if isinstance(path, str) and path else None
+            resolved = None
+            if isinstance(path, str) and path:
+                # Relative paths start from the input's folder (or --image-dir), else the current directory.
+                candidate = folder / path
+                resolved = str((candidate if candidate.exists() else Path(path)).resolve())
             segments.append(Segment(str(image.get("caption", match.group(2))), resolved))
             last = match.end()
         segments.append(Segment(text[last:]))
@@ -128,7 +132,7 @@ def load_conversations_for_rating(path: str | os.PathLike, image_dir: str = "") 
         if "conversation" in record:
             views.append(_stage2_view(record, identifier, image_dir or str(file.parent)))
         else:
-            views.append(_filtered_view(record, identifier, file.parent))
+            views.append(_filtered_view(record, identifier, Path(image_dir) if image_dir else file.parent))
     return views
 
 
@@ -283,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input", required=True, help="filtered.jsonl or a stage-2 JSON file")
     parser.add_argument("--ratings", default=None, help="ratings CSV (default: ratings.csv beside the input)")
-    parser.add_argument("--image-dir", default="", help="image folder of stage-2 records without image_dir")
+    parser.add_argument("--image-dir", default="",
+                        help="folder that relative image paths start from (stage-2 records without image_dir, "
+                             "filtered.jsonl's images); default: the input's folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=7861)
     arguments = parser.parse_args(argv)
