@@ -13,6 +13,7 @@ gives the same text.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -213,9 +214,33 @@ class Edit:
     value: object = None
 
 
-def edit_instruction(
-    rng: random.Random, scene: Scene, edit: Edit, phrase: str | None
-) -> tuple[str, Scene]:
+def apply_edit(scene: Scene, edit: Edit) -> Scene:
+    """The scene ``edit`` (with its value set, for the kinds that take one) makes of ``scene``."""
+    kind, index, value = edit.kind, edit.index, edit.value
+    item = scene.objects[index]
+    objects = list(scene.objects)
+    if kind in ("colour", "shape"):
+        objects[index] = ShapeObject(**(vars(item) | {kind: str(value)}))
+    elif kind == "size":
+        objects[index] = ShapeObject(**(vars(item) | {"size": "large" if item.size == "small" else "small"}))
+    elif kind == "add":
+        added, position = value  # type: ignore[misc]
+        layout = LAYOUT_OF_POSITION[position]
+        ordered = [added, item] if LAYOUT_POSITIONS[layout][0] == position else [item, added]
+        return Scene(objects=tuple(ordered), layout=layout)
+    elif kind == "swap":
+        return Scene(objects=tuple(reversed(objects)), layout=scene.layout)
+    elif kind == "layout":
+        ordered = objects if index == 0 else list(reversed(objects))
+        return Scene(objects=tuple(ordered), layout="vertical" if scene.layout == "horizontal" else "horizontal")
+    elif kind == "remove":
+        return Scene(objects=(scene.objects[1 - index],), layout="single")
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}")
+    return Scene(objects=tuple(objects), layout=scene.layout)
+
+
+def edit_instruction(rng: random.Random, scene: Scene, edit: Edit, phrase: str | None) -> tuple[str, Scene]:
     """An imperative instruction (lower case, no full stop) for ``edit`` of ``scene``, and the scene it gives.
 
     ``phrase`` refers to the edited object (``reference(scene, edit.index, rng)``). A ``None``
@@ -223,11 +248,15 @@ def edit_instruction(
     """
     kind, index, value = edit.kind, edit.index, edit.value
     item = scene.objects[index]
-    objects = list(scene.objects)
+    if value is None and kind == "colour":
+        value = rng.choice([colour for colour in COLOURS if colour != item.colour])
+    elif value is None and kind == "shape":
+        value = rng.choice([shape for shape in SHAPES if shape != item.shape])
+    elif value is None and kind == "add":
+        added = random_object(rng)
+        value = (added, rng.choice(list(LAYOUT_OF_POSITION)))
+    result = apply_edit(scene, Edit(kind, index, value))
     if kind == "colour":
-        if value is None:
-            value = rng.choice([colour for colour in COLOURS if colour != item.colour])
-        objects[index] = ShapeObject(colour=str(value), shape=item.shape, size=item.size)
         template = rng.choice(
             [
                 "make {ref} {value}",
@@ -237,25 +266,15 @@ def edit_instruction(
             ]
         )
     elif kind == "size":
-        value = "large" if item.size == "small" else "small"
-        objects[index] = ShapeObject(colour=item.colour, shape=item.shape, size=value)
+        value = result.objects[index].size
         comparative = "bigger" if value == "large" else "smaller"
         template = rng.choice(["make {ref} {value}", f"make {{ref}} {comparative}"])
     elif kind == "shape":
-        if value is None:
-            value = rng.choice([shape for shape in SHAPES if shape != item.shape])
-        objects[index] = ShapeObject(colour=item.colour, shape=str(value), size=item.size)
         template = rng.choice(
             ["turn {ref} into a {value}", "make {ref} a {value} instead", "change {ref} into a {value}"]
         )
     elif kind == "add":
-        if value is None:
-            added = random_object(rng)
-            position = rng.choice(list(LAYOUT_OF_POSITION))
-        else:
-            added, position = value  # type: ignore[misc]
-        layout = LAYOUT_OF_POSITION[position]
-        ordered = [added, item] if LAYOUT_POSITIONS[layout][0] == position else [item, added]
+        added, position = value  # type: ignore[misc]
         instruction = rng.choice(
             [
                 f"add {{value}} on the {position}",
@@ -263,40 +282,27 @@ def edit_instruction(
                 f"put {{value}} on the {position}",
             ]
         ).format(value=added.phrase())
-        return instruction, Scene(objects=tuple(ordered), layout=layout)
+        return instruction, result
     elif kind == "swap":
         new_position = scene.positions[1 - index]
         instruction = rng.choice(
             ["swap the two shapes", "swap their positions", f"move {phrase} to the {new_position}"]
         )
-        return instruction, Scene(objects=tuple(reversed(objects)), layout=scene.layout)
+        return instruction, result
     elif kind == "layout":
         first_position = scene.positions[index]
-        new_layout: Layout
         if scene.layout == "horizontal":
-            new_layout, instruction = (
-                "vertical",
-                rng.choice(
-                    [
-                        f"stack them vertically, with the {first_position} one on top",
-                        f"put the {first_position} one on the top and the other one on the bottom",
-                    ]
-                ),
-            )
+            options = [
+                f"stack them vertically, with the {first_position} one on top",
+                f"put the {first_position} one on the top and the other one on the bottom",
+            ]
         else:
-            new_layout, instruction = (
-                "horizontal",
-                rng.choice(
-                    [
-                        f"put them side by side, with the {first_position} one on the left",
-                        f"put the {first_position} one on the left and the other one on the right",
-                    ]
-                ),
-            )
-        ordered = objects if index == 0 else list(reversed(objects))
-        return instruction, Scene(objects=tuple(ordered), layout=new_layout)
-    elif kind == "remove":
-        kept = scene.objects[1 - index]
+            options = [
+                f"put them side by side, with the {first_position} one on the left",
+                f"put the {first_position} one on the left and the other one on the right",
+            ]
+        return rng.choice(options), result
+    else:  # remove
         kept_reference = reference(scene, 1 - index, rng)
         instruction = rng.choice(
             [
@@ -306,10 +312,8 @@ def edit_instruction(
                 f"keep only {kept_reference}",
             ]
         )
-        return instruction, Scene(objects=(kept,), layout="single")
-    else:
-        raise ValueError(f"unknown edit kind {kind!r}")
-    return template.format(ref=phrase, value=value), Scene(objects=tuple(objects), layout=scene.layout)
+        return instruction, result
+    return template.format(ref=phrase, value=value), result
 
 
 def random_edit(rng: random.Random, scene: Scene) -> tuple[str, Scene]:
@@ -326,7 +330,8 @@ def random_edit(rng: random.Random, scene: Scene) -> tuple[str, Scene]:
         return edit_instruction(rng, scene, Edit(kind, index), phrase)
 
 
-def possible_edits(scene: Scene) -> list[tuple[Edit, Scene]]:
+@functools.lru_cache(maxsize=8192)
+def possible_edits(scene: Scene) -> tuple[tuple[Edit, Scene], ...]:
     """Every edit ``random_edit`` can make of ``scene``, with the scene each one gives."""
     edits: list[Edit] = []
     for index, item in enumerate(scene.objects):
@@ -341,8 +346,7 @@ def possible_edits(scene: Scene) -> list[tuple[Edit, Scene]]:
             if scene.objects[0] != scene.objects[1]:
                 edits.append(Edit("swap", index))
             edits += [Edit("layout", index), Edit("remove", index)]
-    # The phrase does not change the resulting scene: any stream and phrase give the same result.
-    return [(edit, edit_instruction(random.Random(0), scene, edit, "it")[1]) for edit in edits]
+    return tuple((edit, apply_edit(scene, edit)) for edit in edits)
 
 
 def edits_between(scene: Scene, target: Scene) -> list[Edit]:
