@@ -9,7 +9,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from textbind.config import ConfigError, config_help, load_config
+from textbind.config import DTYPE_NAMES, ConfigError, config_help, load_config
 from textbind.datagen.export import ExportConfig
 from textbind.datagen.filters import FilterConfig
 
@@ -54,7 +54,7 @@ class EmbedConfig:
     modality: str = "image"  # image | caption (caption needs clip, siglip or hashing)
     batch_size: int = 64
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (float16 on a GPU, float32 on the CPU) | float32 | bfloat16 | float16
     hashing_features: int = 1024  # width of the hashing encoder's caption vectors
 
     def validate(self) -> None:
@@ -68,6 +68,8 @@ class EmbedConfig:
             raise ConfigError("embed.encoder=hashing embeds captions: set embed.modality=caption")
         if self.batch_size < 1:
             raise ConfigError("embed.batch_size must be at least 1")
+        if self.dtype != "auto" and self.dtype.lower() not in DTYPE_NAMES:
+            raise ConfigError(f"embed.dtype must be auto or one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
 
 
 @dataclass

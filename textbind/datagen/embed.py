@@ -79,7 +79,10 @@ class TransformersEncoder(Encoder):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.dtype = torch_dtype(config.dtype)
+        if config.dtype == "auto":
+            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = torch_dtype(config.dtype)
         self.kind = config.encoder
         self.modality = config.modality
         loader = Blip2VisionModel if config.encoder == "blip2" else AutoModel
