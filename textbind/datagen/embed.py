@@ -220,7 +220,7 @@ def embed_pairs(config: DatagenConfig) -> list[SourceEmbeddings]:
     sources = list_sources(config.pairs)
     results: list[SourceEmbeddings] = []
     encoder: Encoder | None = None
-    progress = tqdm(desc="embedding", unit="pair", disable=not config.run.progress)
+    progress: tqdm | None = None
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as decoders:
         for source in sources:
             vectors_path, metadata_path = cache_paths(config.run.output_dir, source, config.embed)
@@ -229,6 +229,7 @@ def embed_pairs(config: DatagenConfig) -> list[SourceEmbeddings]:
                 continue
             if encoder is None:
                 encoder = build_encoder(config.embed)
+                progress = tqdm(desc="embedding", unit="pair", disable=not config.run.progress)
             pairs, vectors, report = _embed_source(source, encoder, config.embed, decoders, progress)
             vectors_path.parent.mkdir(parents=True, exist_ok=True)
             temporary = vectors_path.with_name(vectors_path.stem + ".tmp.npy")
@@ -237,7 +238,8 @@ def embed_pairs(config: DatagenConfig) -> list[SourceEmbeddings]:
             write_json(metadata_path, {"source": source.path, "encoder": encoder.signature,
                                        "pairs": [asdict(pair) for pair in pairs], "report": report.to_dict()})
             results.append(SourceEmbeddings(source, pairs, vectors, report))
-    progress.close()
+    if progress is not None:
+        progress.close()
     return results
 
 
