@@ -367,6 +367,8 @@ def run_generate(config: DatagenConfig, api_key: str | None = None) -> dict:
                         journal.path)
         outcome = run_requests(requests, config.llm, journal, api_key, config.run.progress)
         records = raw_records(requests, journal)
+        truncated = sum(1 for request in requests
+                        if journal.entries.get(request.hash, {}).get("finish_reason") == "length")
     finally:
         journal.close()
     write_jsonl(output_dir / RAW_NAME, records)
@@ -383,6 +385,7 @@ def run_generate(config: DatagenConfig, api_key: str | None = None) -> dict:
         "answered_before": already,
         "answered_now": outcome.answered,
         "raw_records": len(records),
+        "truncated": truncated,  # answers cut at llm.max_tokens (finish_reason "length")
         "failed": len(outcome.failures),
         "failure_reasons": failure_reasons,
         "http_requests": outcome.sent,
