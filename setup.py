@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="TextBind: multi-turn interleaved multimodal instruction following",
     packages=find_packages(include=["textbind", "textbind.*"]),
+    package_data={"textbind.datagen": ["data/*.txt", "data/*.jsonl"]},  # the prompt template and seed examples
     python_requires=">=3.10",
     install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
     entry_points={
