@@ -520,11 +520,12 @@ def test_api_word_and_image_limits(server, images):
     three = [images["a small red circle"], images["a large blue square"], images["a small red circle"]]
     _, _, info = chat(client, DESCRIBE_PROMPT, three)
     assert info["refused"] == "" and info["conversation_images"] == IMAGE_LIMIT
-    # The image budget is spent: the model begins an image, and the answer ends there saying why.
+    # The image budget is spent: the model may not draw (if it begins an image, the answer ends there and says why).
     answer, image_files, info = chat(client, DRAW_PROMPT)
-    assert info["refused"] == "" and image_files == [] and answer == "Here it is:"
-    assert info["finish_reason"] == "image_limit" and f"already holds {IMAGE_LIMIT} images" in info["notice"]
+    assert info["refused"] == "" and image_files == [] and IMAGE_TOKEN not in answer
     assert info["conversation_images"] == IMAGE_LIMIT
+    if info["finish_reason"] == "image_limit":
+        assert f"already holds {IMAGE_LIMIT} images" in info["notice"]
     answer, _, info = chat(client, DESCRIBE_PROMPT, [images["a large blue square"]])
     assert info["refused"] == "limit" and f"at most {WORD_LIMIT} words and {IMAGE_LIMIT} images" in answer
     assert info["conversation_images"] == IMAGE_LIMIT
@@ -532,6 +533,12 @@ def test_api_word_and_image_limits(server, images):
     client.predict(api_name="/clear")
     answer, _, info = chat(client, DESCRIBE_PROMPT, [images["a small red circle"]] * (IMAGE_LIMIT + 1))
     assert info["refused"] == "limit" and info["conversation_turns"] == 0
+
+    # With image generation off, a drawing request ends where the model begins its image, and says so.
+    job = client.submit(text=DRAW_PROMPT, generate_images=False, api_name="/chat")
+    answer, image_files, info = job.result(timeout=API_TIMEOUT)
+    assert (answer, image_files, info["finish_reason"]) == ("Here it is:", None, "image_limit")
+    assert "image generation is off" in info["notice"]
 
 
 def test_api_refuses_bad_uploads_and_oversized_text(server, images):

@@ -160,7 +160,7 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
             locked = gr.MultimodalTextbox(value=None, interactive=False)
             try:
                 for update in updates:
-                    yield update.messages, update.session or gr.skip(), locked
+                    yield for_chatbot(update.messages), update.session or gr.skip(), locked
                     locked = gr.skip()
             except Exception as error:  # DemoChat answers its own failures; anything else gets a path-free toast
                 logger.exception("demo event failed")
@@ -177,6 +177,16 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
         def ui_retry(session: ChatSession | None, *values: Any) -> Iterator[tuple]:
             yield from stream_to_chatbot(chat.retry(session, options_of(values)))
 
+        def for_chatbot(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            # An image with a caption as a gr.Image: Gradio's chatbot shows a file message's `alt_text` nowhere,
+            # but an image component's alt_text becomes the <img> element's alt attribute.
+            return [
+                {**message, "content": gr.Image(message["content"]["path"], alt_text=message["content"]["alt_text"],
+                                                show_label=False, buttons=["download", "fullscreen"])}
+                if isinstance(message["content"], dict) and message["content"].get("alt_text") else message
+                for message in messages
+            ]
+
         def ui_unlock() -> Any:
             return gr.MultimodalTextbox(interactive=True)
 
@@ -191,7 +201,7 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
                 return gr.skip(), gr.skip(), message
             session = ChatSession(turns=list(example.history), messages=list(example.history_messages),
                                   exchanges=_exchanges_of(example.history_messages))
-            return session.messages, session, message
+            return for_chatbot(session.messages), session, message
 
         # The API functions' parameter names and defaults are what gradio_client shows and accepts.
         def chat_endpoint(
