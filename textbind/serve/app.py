@@ -227,7 +227,11 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
             return {"conversation_turns": 0, "conversation_words": 0, "conversation_images": 0}, session
 
         chat_outputs = [chatbot, session_state, textbox]
-        submitted = textbox.submit(ui_submit, [textbox, session_state, *controls], chat_outputs, **private)
+        # "multiple": after Stop, the stopped event stays pending until the model's current step (an SDXL image)
+        # ends; a message sent meanwhile must queue (and wait for the model), not be dropped. The textbox is
+        # locked while an answer streams, so nothing else can send twice.
+        submitted = textbox.submit(ui_submit, [textbox, session_state, *controls], chat_outputs,
+                                   trigger_mode="multiple", **private)
         submitted.then(ui_unlock, None, textbox, **private)
         retried = retry_button.click(ui_retry, [session_state, *controls], chat_outputs, **private)
         retried.then(ui_unlock, None, textbox, **private)
