@@ -698,6 +698,15 @@ def test_browser_chat_with_uploads_streaming_and_drawing(server, images, tmp_pat
             expect(chatbot.get_by_text("Is this <image>?", exact=False)).to_be_visible()
             expect(ready).to_be_visible()
 
+            # Raw HTML and javascript: links in a message are shown as text, never run or linked.
+            textarea.fill('<img src=x onerror="window.injected=1"> <b>bold</b> [go](javascript:window.injected=2)')
+            textarea.press("Enter")
+            expect(chatbot.get_by_text("<b>bold</b>", exact=False)).to_be_visible()
+            expect(ready).to_be_visible()
+            assert page.evaluate("window.injected") is None
+            assert chatbot.locator("img[src='x']").count() == 0 and chatbot.locator("b").count() == 0
+            assert chatbot.locator("a[href^='javascript']").count() == 0
+
             page.locator("#clear").click()
             expect(chatbot.locator("img")).to_have_count(0)
 
