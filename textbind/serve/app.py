@@ -1,4 +1,4 @@
-"""The browser demo: a Gradio 6 chat with TextBind, and the same chat as an API (`python -m textbind.serve`).
+"""The browser demo: a Gradio 6 chat with TextBind, and the same chat as an API (`python -m textbind demo`).
 
     textbind demo --config configs/model/llama2_7b.yaml --checkpoint checkpoint/second_stage_model.pt \\
         --sd-base checkpoint/stable-diffusion-xl-base-1.0 --sd-refiner checkpoint/stable-diffusion-xl-refiner-1.0 \\
@@ -163,9 +163,7 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
                     yield for_chatbot(update.messages), update.session or gr.skip(), locked
                     locked = gr.skip()
             except Exception as error:  # DemoChat answers its own failures; anything else gets a path-free toast
-                logger.exception("demo event failed")
-                raise gr.Error(f"Something went wrong ({type(error).__name__}: {path_free(str(error))}). "
-                               "Press Clear to start again.") from error
+                raise user_error(error) from error
             finally:
                 updates.close()  # on Stop: ends the generation now and frees the model for other sessions
 
@@ -176,6 +174,11 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
 
         def ui_retry(session: ChatSession | None, *values: Any) -> Iterator[tuple]:
             yield from stream_to_chatbot(chat.retry(session, options_of(values)))
+
+        def user_error(error: Exception) -> gr.Error:
+            logger.exception("demo event failed")
+            return gr.Error(f"Something went wrong ({type(error).__name__}: {path_free(str(error))}). "
+                            "Press Clear to start again.")
 
         def for_chatbot(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # An image with a caption as a gr.Image: Gradio's chatbot shows a file message's `alt_text` nowhere,
@@ -217,7 +220,10 @@ def build_app(generator: InterleavedGenerator, settings: DemoSettings, example_s
         ) -> tuple:
             options = {"decoding": decoding, "temperature": temperature, "top_p": top_p,
                        "max_new_tokens": max_new_tokens, "generate_images": generate_images, "seed": seed}
-            final = list(chat.submit(session, text, images or [], options))[-1]
+            try:
+                final = list(chat.submit(session, text, images or [], options))[-1]
+            except Exception as error:  # DemoChat answers its own failures; anything else: a path-free message
+                raise user_error(error) from error
             assert final.result is not None and final.session is not None  # the last update carries both
             result = final.result
             return result.text, result.image_paths or None, result.info(final.session), final.session
