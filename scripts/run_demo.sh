@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Chat with TextBind in the browser (Gradio): http://127.0.0.1:7860 by default.
-# Every variable below can be set from the environment; extra arguments go to textbind.serve, e.g.
+# Every variable below can be set from the environment; extra arguments go to `textbind demo`, e.g.
 # `bash scripts/run_demo.sh --listen` (open to the network), `--share`, `--do-sample --top-p 0.9`,
-# `--safe-word-num 650 --safe-image-num 4`, `model.dtype=float16`.
+# `--safe-word-num 650 --safe-image-num 4`, `--examples my_examples.json`, `model.dtype=float16`.
 # IMAGE_DECODER: sdxl (SD_BASE + SD_REFINER), toy (the toy world's renderer) or none;
 # empty: sdxl when SD_BASE is set. SD_BASE="" renders nothing; CHECKPOINT="" runs the base weights.
 # DTYPE (float32 | bfloat16 | float16) overrides the config's model.dtype.
@@ -24,7 +24,7 @@ DTYPE=${DTYPE:-}
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-7860}
 
-exec python3 -m textbind.serve \
+exec python3 -m textbind demo \
     --config "$CONFIG" \
     --checkpoint "$CHECKPOINT" \
     --vision-model "$VISION_MODEL" \

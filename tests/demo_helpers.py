@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +70,17 @@ def train_demo_checkpoint(model_config: ModelConfig, output_dir: Path, steps: in
     learnt = answers == DESCRIPTIONS and all(turn.caption_list == [DRAW_CAPTION] for turn in drawn)
     assert learnt, (answers, drawn)
     return save_trained_modules(bundle.model, output_dir, module_names=list(MODULE_NAMES))
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG file that declares `width` x `height` pixels but holds no pixel data: a few dozen bytes
+    that stand for a huge upload (nothing reads past the header before the size is checked)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
 
 
 def free_port() -> int:

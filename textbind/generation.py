@@ -17,7 +17,12 @@ None in its `image_list` (render it, or drop the marker, before feeding the turn
 
 Control tokens the model never learned to emit are masked: `<image>` always (image tokens only
 ever stand for fed images), `<end>` outside a caption, `<start>` and `</s>` inside one (a caption
-ends with `<end>` or at `max_caption_tokens`), and `<start>` once `max_images` images were made.
+ends with `<end>` or at `max_caption_tokens`).
+
+Once `max_images` images were made (at once when it is 0), a `<start>` the model chooses ends the
+answer there, with the finish reason "image_limit", and is not kept in `token_ids`. Masking it
+instead would make the model write its second choice where it meant to draw, and a model that
+wanted an image usually loops on filler ("Of course. Of course. ...") until the token budget ends.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 FINISH_STOP = "stop"  # the model wrote </s>
 FINISH_LENGTH = "length"  # max_new_tokens or the model's context length ran out
+FINISH_IMAGE_LIMIT = "image_limit"  # the model began an image after max_images images (see above)
 
 
 @dataclass
@@ -58,7 +64,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0  # nucleus sampling: keep the most likely tokens that cover this probability
     seed: int | None = 0  # sampling stream; image k of the answer is rendered with seed + k; None: random
-    max_images: int = 4  # images per answer; then `<start>` is masked
+    max_images: int = 4  # images per answer; a further `<start>` ends the answer ("image_limit")
     max_caption_tokens: int = 77  # a caption longer than this is closed as if `<end>` followed (CLIP reads 77)
 
     def validate(self) -> GenerationConfig:
@@ -95,7 +101,7 @@ class DoneEvent:
     """The finished answer as a stage-2 assistant turn; always the last event."""
 
     turn: Turn
-    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+    finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_IMAGE_LIMIT
     token_ids: list[int] = field(default_factory=list)  # every sampled token, control tokens and captions included
 
 
@@ -224,19 +230,16 @@ class InterleavedGenerator:
         """From a `textbind.model.builder.ModelBundle`."""
         return cls(bundle.model, bundle.tokenizer, bundle.image_processor, image_decoder, **kwargs)
 
-    def _control_masks(self) -> dict[tuple[bool, bool], torch.Tensor]:
-        """(in a caption, `<start>` allowed) -> (V,) bool mask of the tokens that may not be sampled."""
+    def _control_masks(self) -> dict[bool, torch.Tensor]:
+        """in a caption -> (V,) bool mask of the tokens that may not be sampled."""
         vocabulary_size = self.model.language_model.get_output_embeddings().weight.shape[0]
         masks = {}
         for in_caption in (False, True):
-            for start_allowed in (False, True):
-                masked = [self.image_token_id]
-                masked += [self.start_token_id, self.eos_token_id] if in_caption else [self.end_token_id]
-                if not start_allowed:
-                    masked.append(self.start_token_id)
-                mask = torch.zeros(vocabulary_size, dtype=torch.bool)
-                mask[masked] = True
-                masks[(in_caption, start_allowed)] = mask.to(self.model.device)
+            masked = [self.image_token_id]
+            masked += [self.start_token_id, self.eos_token_id] if in_caption else [self.end_token_id]
+            mask = torch.zeros(vocabulary_size, dtype=torch.bool)
+            mask[masked] = True
+            masks[in_caption] = mask.to(self.model.device)
         return masks
 
     def _forward(
@@ -321,9 +324,13 @@ class InterleavedGenerator:
             if logits_processor is not None:
                 logits = logits_processor(token_ids, logits)
             in_caption = caption_start is not None
-            mask = masks[(in_caption, len(images) < config.max_images)]
+            # `<start>` stays allowed outside a caption even with the image budget spent: see the module docstring.
+            mask = masks[in_caption]
             token = sample_next_token(logits.masked_fill(mask, float("-inf")), config, generator)  # (1,)
             token_id = int(token)  # the one host sync per step: control flow and text need the id
+            if not in_caption and token_id == self.start_token_id and len(images) >= config.max_images:
+                finish_reason = FINISH_IMAGE_LIMIT
+                break
             token_ids.append(token_id)
 
             if not in_caption:

@@ -1,12 +1,8 @@
-"""Entry point of `python -m textbind.serve`: the browser demo (see `textbind.serve.app`)."""
+"""Entry point of `python -m textbind.serve`, the same as `python -m textbind demo` (see `textbind.serve.app`)."""
 
-import os
 import sys
 
-# Before Gradio is imported: no usage statistics or version checks from a demo that may run offline.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from textbind.serve.app import main  # noqa: E402
+from textbind.serve.app import main
 
 if __name__ == "__main__":
     sys.exit(main())
