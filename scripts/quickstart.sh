@@ -72,7 +72,7 @@ echo "wrote $OUT/eval.json"
 
 if [[ $DEMO == 1 ]]; then
   echo "== demo (Ctrl-C to stop)"
-  python3 -m textbind.toy.examples --out "$DATA/examples"  # the toy examples and their images, for the demo
+  python3 -m textbind toy examples --out "$DATA/examples"  # the toy examples and their images, for the demo
   env "${MODEL_ENV[@]}" CHECKPOINT="$OUT/second_stage/second_stage_model" QFORMER="$MODEL_DIR/blip2_qformer.safetensors" \
     IMAGE_DECODER=toy bash scripts/run_demo.sh --examples "$DATA/examples/examples.json"
 fi

@@ -34,6 +34,7 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "build": ("textbind.toy.build", "build the toy world's small random model"),
         "pretrain": ("textbind.toy.pretrain", "pretrain the toy vision encoder and Q-Former"),
         "evaluate": ("textbind.toy.evaluate", "held-out evaluation of a toy model"),
+        "examples": ("textbind.toy.examples", "write the toy demo's example conversations and images"),
         "llm-server": ("textbind.toy.llm_server", "the scripted toy conversation writer (OpenAI-compatible server)"),
     }),
     "datagen": ("the data engine: image-caption pairs -> interleaved conversations -> stage-2 data", {
