@@ -40,10 +40,13 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Where the pretrained parts come from and which parts train."""
 
-    vision_model: str = ""  # Blip2VisionModel directory
+    # A transformers Blip2ForConditionalGeneration directory or hub id (what `textbind export` writes): when set,
+    # the vision model, Q-Former, projector, language model, tokenizer and processor all come from it.
+    pretrained: str | None = None  # Blip2 directory or hub id; when set, the part paths below are not used
+    vision_model: str = ""  # Blip2VisionModel directory or hub id
     qformer: str = ""  # query tokens + Q-Former weights (.safetensors, or a legacy .pt state dict)
-    language_model: str = ""  # Llama directory (weights + tokenizer)
-    processor: str = ""  # BLIP-2 processor / image processor directory
+    language_model: str = ""  # Llama directory or hub id (weights + tokenizer)
+    processor: str = ""  # BLIP-2 processor / image processor directory or hub id
     qformer_num_heads: int = 0  # only for legacy Q-Former files without a config; 0: hidden size / 64 (BLIP-2)
     checkpoint: str = ""  # trained modules to load over the above (our export dir/file, or second_stage_model.pt)
     num_query_tokens: int = 32
