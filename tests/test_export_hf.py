@@ -168,3 +168,26 @@ def test_export_command_writes_a_model_card(tiny_paths, bundle, tmp_path):
         assert fact in card, fact
     assert main([*paths, "--out", str(tmp_path / "bad"), "--eval-report", str(tmp_path / "none.json")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_script(tiny_paths, tmp_path):
+    """scripts/export_hf.sh with the model variables of run_demo.sh, DTYPE, OUT and extra arguments."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    repository = Path(__file__).resolve().parents[1]
+    variables = {"VISION_MODEL": tiny_paths["vision_model"], "QFORMER": tiny_paths["qformer"],
+                 "LANGUAGE_MODEL": tiny_paths["language_model"], "PROCESSOR": tiny_paths["processor"],
+                 "CONFIG": str(repository / "configs/model/tiny.yaml"), "CHECKPOINT": "", "DTYPE": "bf16",
+                 "OUT": str(tmp_path / "out")}
+    environment = {key: value for key, value in os.environ.items() if key not in variables}
+    subprocess.run(["bash", "scripts/export_hf.sh", "--license", "apache-2.0"], cwd=repository, check=True,
+                   env={**environment, **variables, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=120)
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "license: apache-2.0" in (out / "README.md").read_text()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("language_projection.weight").dtype == torch.bfloat16
