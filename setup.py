@@ -1,12 +1,16 @@
+"""Build shim: the metadata is in pyproject.toml. This file adds what pyproject cannot say: the packages are
+found automatically, and the top-level `configs/` and `data/examples.json` ship inside the wheel as package
+data under `textbind/_resources/` (found by `textbind.resources.find_resource`)."""
+
 from setuptools import find_packages, setup
 
+RESOURCES = {"textbind._resources.configs": "configs", "textbind._resources.data": "data"}
+
 setup(
-    name="textbind",
-    version="0.1.0",
-    description="TextBind: multi-turn interleaved multimodal instruction following",
-    packages=find_packages(include=["textbind", "textbind.*"]),
-    python_requires=">=3.10",
-    install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
-    entry_points={"console_scripts": ["textbind=textbind.cli:main"]},
-    extras_require={"test": ["pytest>=8", "ruff", "playwright", "gradio_client"]},
+    packages=[*find_packages(include=["textbind", "textbind.*"]), *RESOURCES],
+    package_dir=RESOURCES,
+    package_data={
+        "textbind._resources.configs": ["**/*.yaml", "**/*.json"],
+        "textbind._resources.data": ["examples.json", "README.md"],
+    },
 )

@@ -9,6 +9,11 @@
 # OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The toy world trains (DeepSpeed, webdataset shards) and makes its data with the data engine: the train and
+# datagen extras, which `pip install textbind` (inference and the demo) leaves out. Installed once, where missing.
+python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+    deepspeed webdataset braceexpand openai fastapi uvicorn rapidfuzz sklearn \
+  || python3 -m pip install -q -e ".[train,datagen]"
 DEMO=1
 ARGS=()
 for arg in "$@"; do

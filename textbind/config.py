@@ -138,6 +138,11 @@ class TrainConfig:
         for name in ("max_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.deepspeed_config:
+            from textbind.resources import resolve_resource
+
+            # a shipped engine JSON (configs/deepspeed/...) is found from any working directory
+            self.deepspeed_config = resolve_resource(self.deepspeed_config)
 
 
 @dataclass
@@ -237,9 +242,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     `config_type` is a dataclass of section dataclasses (RunConfig by default; the data engine has its
     own) with a `validate()` method that returns the config.
     """
+    from textbind.resources import resolve_resource
+
     config = config_type()
     if path:
-        for values in _read_yaml_chain(Path(path)):
+        # configs/... names a shipped config from any working directory, in a checkout and in an installed wheel
+        for values in _read_yaml_chain(Path(resolve_resource(str(path)))):
             _apply(config, values, "")
     if overrides:
         _apply(config, parse_overrides(overrides), "")
