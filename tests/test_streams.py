@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from textbind.data.conversation import load_conversations
+from textbind.data.conversation import DataError, load_conversations
 from textbind.data.sequence import ConversationEncoder
 from textbind.data.streams import (
     Stage1Source,
@@ -47,7 +48,7 @@ def take(loader, count):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_ranks_and_workers_see_disjoint_data(bundle, shards, conversations, stage):
-    source = Stage1Source(shards, shuffle_buffer=4) if stage == 1 else Stage2Source([conversations])
+    source = Stage1Source(shards) if stage == 1 else Stage2Source([conversations])
     total = 48 if stage == 1 else 24
     seen = []
     for rank in range(2):
@@ -60,7 +61,7 @@ def test_ranks_and_workers_see_disjoint_data(bundle, shards, conversations, stag
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_stream_continues_exactly(bundle, shards, workers):
-    source = Stage1Source(shards, shuffle_buffer=6)
+    source = Stage1Source(shards)
     loader = StreamLoader(make_stream(bundle, source, workers=workers), num_workers=workers)
     uninterrupted = [b.sources for b in take(loader, 9)]
     first = StreamLoader(make_stream(bundle, source, workers=workers), num_workers=workers)
@@ -74,7 +75,7 @@ def test_resumed_stream_continues_exactly(bundle, shards, workers):
 
 def test_position_with_other_worker_count_is_refused(bundle, shards):
     with pytest.raises(ValueError, match="resume with the same number of workers"):
-        make_stream(bundle, Stage1Source(shards), workers=2, position=StreamPosition([0, 0, 0]))
+        make_stream(bundle, Stage1Source(shards), workers=2, position=StreamPosition.start(3))
 
 
 def test_corrupt_samples_are_skipped_and_counted(bundle, tmp_path):
@@ -89,10 +90,20 @@ def test_corrupt_samples_are_skipped_and_counted(bundle, tmp_path):
             if index == 3:
                 del sample["txt"]
             writer.write(sample)
-    loader = StreamLoader(make_stream(bundle, Stage1Source(str(tmp_path / "00000.tar"), 1), batch=4), 0)
-    batch = next(loader)
-    assert batch.num_samples == 4 and batch.num_skipped == 2 and loader.position.skipped == 2
-    assert all("00001" not in s and "00003" not in s for s in batch.sources)
+    source = Stage1Source(str(tmp_path / "00000.tar"))
+    rejected = []
+    for item, _ in source.raw_items(0, 0, 1, seed=5):  # one whole pass: 6 samples, 2 unusable
+        try:
+            Stage1Source.to_conversation(item, 5)
+        except DataError:
+            rejected.append(item["__key__"])
+    assert sorted(rejected) == ["00001", "00003"]
+    # 8 good samples need all of pass 0 and part of pass 1: both bad samples of pass 0 were skipped
+    loader = StreamLoader(make_stream(bundle, source, batch=2), 0)
+    batches = take(loader, 4)
+    assert all(batch.num_samples == 2 for batch in batches)
+    assert loader.position.skipped == sum(batch.num_skipped for batch in batches) >= 2
+    assert all("00001" not in s and "00003" not in s for batch in batches for s in batch.sources)
 
 
 def test_caption_conversation_is_deterministic():
@@ -108,3 +119,24 @@ def test_mixture_weights(conversations):
     assert source.count() == 2 * 10 + 7
     with pytest.raises(ValueError, match="weight"):
         Stage2Source([conversations], [1.0, 2.0])
+
+
+def test_resume_seeks_to_the_cursor_without_reading_what_came_before(bundle, tmp_path):
+    """Shards a resumed reader already finished are never opened again: damaging them changes nothing."""
+    import shutil
+
+    pattern = write_stage1_shards(tmp_path / "shards", num_samples=48, samples_per_shard=6, seed=0)
+    source = Stage1Source(pattern)
+    first = StreamLoader(make_stream(bundle, source), num_workers=0)
+    take(first, 14)  # 28 of the 48 samples: the reader is in its fifth shard
+    saved = StreamPosition.from_dict(json.loads(json.dumps(first.position.to_dict())))
+    expected = [list(b.sources) for b in take(first, 3)]
+    cursor = saved.cursors[0]
+    assert cursor["pass"] == 0 and cursor["token"][0] == 4
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "shards", copy)
+    copied = Stage1Source(pattern.replace(str(tmp_path / "shards"), str(copy)))
+    for finished in copied.shard_order(0, seed=5)[:4]:
+        Path(finished).write_bytes(b"overwritten: not a tar any more")
+    resumed = StreamLoader(make_stream(bundle, copied, position=saved), num_workers=0)
+    assert [[s.replace(str(copy), str(tmp_path / "shards")) for s in b.sources] for b in take(resumed, 3)] == expected

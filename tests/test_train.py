@@ -109,8 +109,7 @@ def test_resume_is_exact(tiny_paths, data, tmp_path):
     """Killed after step 3 (last save at 2), resumed: steps 3..6 match an uninterrupted run."""
     common = ["--config", "configs/train/first_stage.yaml", *tiny_overrides(tiny_paths), *FAST,
               f"data.train_path={data['stage1']}", "data.num_workers=2", "train.micro_batch_size=2",
-              "train.global_batch_size=4", "train.max_steps=6", "train.save_every=2", "optim.warmup_steps=2",
-              "data.shuffle_buffer=4"]
+              "train.global_batch_size=4", "train.max_steps=6", "train.save_every=2", "optim.warmup_steps=2"]
     run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'straight'}"], {})
     crashed = run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'resumed'}",
                    "--crash-at-step", "3"], {}, expect_ok=False)
@@ -243,7 +242,7 @@ def test_corrupt_samples_are_skipped_and_counted(tiny_paths, tmp_path):
         handle.write(b"this is not a tar file at all" * 40)
     train_module("configs/train/first_stage.yaml", [
         *tiny_overrides(tiny_paths), *FAST, f"data.train_path={tmp_path}/{{00000..00001}}.tar",
-        "train.micro_batch_size=3", "train.global_batch_size=3", "train.max_steps=3", "data.shuffle_buffer=1",
+        "train.micro_batch_size=3", "train.global_batch_size=3", "train.max_steps=3",
         f"train.output_dir={tmp_path / 'run'}"])
     records = metrics(tmp_path / "run")
     assert sorted(records) == [1, 2, 3]

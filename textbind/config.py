@@ -77,7 +77,6 @@ class DataConfig:
     max_input_length: int = 256
     samples_per_epoch: int = 0  # stage 1: an epoch is this many samples (0: one pass over the data)
     num_workers: int = 2
-    shuffle_buffer: int = 1000
     on_bad_record: str = "skip"  # skip | error
     system_prompt: str = ""
 

@@ -33,7 +33,7 @@ def validation_loss(config: RunConfig, rank: int = 0, world_size: int = 1, max_b
     if not data.val_path:
         raise ValueError("data.val_path is not set: give the validation shards (stage 1) or JSON (stage 2)")
     if data.stage == 1:
-        source = Stage1Source(data.val_path, shuffle_buffer=1)
+        source = Stage1Source(data.val_path)
     else:
         source = Stage2Source(load_stage2_groups(data.val_path, data.image_dir, data.on_bad_record, logger.warning))
     bundle = build_model(config.model)
@@ -55,7 +55,7 @@ def validation_loss(config: RunConfig, rank: int = 0, world_size: int = 1, max_b
 
     batches = 0
     items = source.raw_items(0, rank, world_size, config.train.seed)
-    for item in tqdm(items, desc="validation", disable=rank != 0):
+    for item, _ in tqdm(items, desc="validation", disable=rank != 0):
         try:
             pending.append(prepare_sample(source.to_conversation(item, config.train.seed), encoder,
                                           bundle.image_processor))

@@ -1,9 +1,11 @@
 """Training streams for both stages: deterministic, sharded over ranks and workers, resumable exactly.
 
 Every (rank, worker) pair reads its own slice of the data in an order fixed by the seed and the
-pass number, counts the raw items it consumed (its cursor) and tags each micro-batch with it. A
-resumed run skips each worker's cursor of raw items without decoding them and continues with the
-worker whose turn it was, so it sees exactly the batches an uninterrupted run would have seen.
+pass number, and tags each micro-batch with its cursor: the pass and the source's resume token of
+the last raw item it consumed. A resumed run has each source seek straight to its cursor (a shard
+and a sample position in stage 1, an offset in stage 2) and continues with the worker whose turn it
+was, so it sees exactly the batches an uninterrupted run would have seen, without re-reading the
+data before the cursor.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import io
 import logging
 import random
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +25,6 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from textbind import IMAGE_TOKEN
 from textbind.data.collate import Batch, collate
@@ -33,6 +35,8 @@ from textbind.data.sequence import ConversationEncoder, EncodedConversation
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# webdataset's member naming: everything up to the first dot of the file name is the sample's key.
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 # Stage 1 turns an image-caption pair into a one-turn conversation with one of these requests.
 CAPTION_INSTRUCTIONS = (
@@ -87,11 +91,16 @@ def caption_conversation(caption: str, image: Any, key: str, seed: int) -> Conve
 
 
 class Stage1Source:
-    """Image-caption pairs in webdataset tars (img2dataset layout: KEY.jpg|png, KEY.txt, KEY.json)."""
+    """Image-caption pairs in webdataset tars (img2dataset layout: KEY.jpg|png, KEY.txt, KEY.json).
 
-    def __init__(self, pattern: str, shuffle_buffer: int = 1000) -> None:
+    Order of a pass: the shards in a seeded order, split over the readers; inside each shard, its samples
+    in a seeded permutation, read by seeking to their members (a tar's index is read once per shard).
+    An item's resume token is (shard position, sample position) in this order, so a resumed reader
+    seeks straight to where it stopped instead of re-reading everything since step 0.
+    """
+
+    def __init__(self, pattern: str) -> None:
         self.shards = expand_shards(pattern)
-        self.shuffle_buffer = shuffle_buffer
 
     def count(self) -> int:
         """Number of samples (distinct keys with a caption), read from the tar indexes only."""
@@ -101,31 +110,59 @@ class Stage1Source:
                 total += sum(1 for member in archive.getnames() if member.endswith(".txt"))
         return total
 
-    def _read(self, shards: list[str]) -> Iterator[dict[str, Any]]:
-        def warn(error: Exception) -> bool:
-            logger.warning("skipping unreadable tar content: %s", error)
-            return True
-
-        streams = ({"url": shard, "stream": open(shard, "rb")} for shard in shards)
-        yield from group_by_keys(tar_file_expander(streams, handler=warn), handler=warn)
-
-    def raw_items(self, pass_index: int, worker: int, num_workers: int, seed: int) -> Iterator[Any]:
+    def shard_order(self, pass_index: int, seed: int) -> list[str]:
         order = list(self.shards)
         random.Random(stable_seed(seed, "shards", pass_index)).shuffle(order)
+        return order
+
+    def raw_items(self, pass_index: int, worker: int, num_workers: int, seed: int,
+                  start: Any = None) -> Iterator[tuple[Any, Any]]:
+        """(sample, resume token) pairs of this reader's share of pass `pass_index`, from `start` on."""
+        order = self.shard_order(pass_index, seed)
         if len(order) >= num_workers:
-            samples = self._read(order[worker::num_workers])
-        else:  # fewer shards than workers: every worker reads all, keeps every num_workers-th sample
-            samples = (s for index, s in enumerate(self._read(order)) if index % num_workers == worker)
-        buffer_rng = random.Random(stable_seed(seed, "buffer", pass_index, worker))
-        buffer: list[Any] = []
-        for sample in samples:
-            buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
-                position = buffer_rng.randrange(len(buffer))
-                buffer[position], buffer[-1] = buffer[-1], buffer[position]
-                yield buffer.pop()
-        buffer_rng.shuffle(buffer)
-        yield from buffer
+            shards, stride, offset = order[worker::num_workers], 1, 0
+        else:  # fewer shards than readers: every reader reads all, keeps every num_workers-th sample
+            shards, stride, offset = order, num_workers, worker
+        shard_position, sample_position = start or (0, 0)
+        for position in range(shard_position, len(shards)):
+            shard = shards[position]
+            first = sample_position if position == shard_position else 0
+            yield from (
+                (sample, (position, index + 1))
+                for index, sample in self._read_shard(shard, pass_index, seed, stride, offset, first)
+            )
+
+    @staticmethod
+    def _read_shard(shard: str, pass_index: int, seed: int, stride: int, offset: int,
+                    first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position in the shard's permuted order, sample) for the positions this reader keeps, from `first`."""
+        try:
+            archive = tarfile.open(shard)
+        except (OSError, tarfile.TarError) as error:
+            logger.warning("skipping unreadable shard %s: %s", shard, error)
+            return
+        with archive:
+            members: dict[str, dict[str, tarfile.TarInfo]] = {}
+            try:
+                for member in archive:
+                    match = _MEMBER_NAME.match(member.name)
+                    if member.isfile() and match:
+                        members.setdefault(match.group(1), {})[match.group(2).lower()] = member
+            except (OSError, tarfile.TarError) as error:  # a truncated shard: keep what was indexed
+                logger.warning("shard %s is damaged after %d samples: %s", shard, len(members), error)
+            keys = list(members)
+            random.Random(stable_seed(seed, "samples", pass_index, Path(shard).name)).shuffle(keys)
+            for index in range(first, len(keys)):
+                if index % stride != offset:
+                    continue
+                sample: dict[str, Any] = {"__key__": keys[index], "__url__": shard}
+                for extension, member in members[keys[index]].items():
+                    try:
+                        sample[extension] = archive.extractfile(member).read()
+                    except (OSError, tarfile.TarError, AttributeError) as error:
+                        logger.warning("%s sample %s: member %s unreadable (%s)", shard, keys[index],
+                                       member.name, error)
+                yield index, sample
 
     @staticmethod
     def to_conversation(sample: dict[str, Any], seed: int) -> Conversation:
@@ -176,35 +213,61 @@ class Stage2Source:
     def count(self, seed: int = 0) -> int:
         return len(self._pass_indices(0, seed))
 
-    def raw_items(self, pass_index: int, worker: int, num_workers: int, seed: int) -> Iterator[Any]:
-        yield from (self.conversations[i] for i in self._pass_indices(pass_index, seed)[worker::num_workers])
+    def raw_items(self, pass_index: int, worker: int, num_workers: int, seed: int,
+                  start: Any = None) -> Iterator[tuple[Any, Any]]:
+        """(conversation, resume token) pairs of this reader's share of the pass; the token is an offset."""
+        share = self._pass_indices(pass_index, seed)[worker::num_workers]
+        for offset in range(start or 0, len(share)):
+            yield self.conversations[share[offset]], offset + 1
 
     @staticmethod
     def to_conversation(item: Conversation, seed: int) -> Conversation:
         return item
 
 
+def build_train_source(
+    data: Any, seed: int, reporter: Callable[[str], None] | None = None
+) -> tuple[Stage1Source | Stage2Source, int]:
+    """The training source a `DataConfig` describes, and the number of samples in one epoch."""
+    if data.stage == 1:
+        source = Stage1Source(data.train_path)
+        return source, data.samples_per_epoch or source.count()
+    groups = load_stage2_groups(data.train_path, data.image_dir, data.on_bad_record, reporter)
+    source = Stage2Source(groups, data.train_weights or None)
+    return source, data.samples_per_epoch or source.count(seed)
+
+
 @dataclass
 class StreamPosition:
-    """Where each logical worker of this rank is in its stream, and whose turn comes next."""
+    """Where each logical worker of this rank is in its stream, and whose turn comes next.
 
-    cursors: list[int] = field(default_factory=list)
+    A worker's cursor is `{"pass": P, "token": T}`: it continues pass P after the item whose resume
+    token was T (None: from the start of the pass). Tokens come from the source and are JSON-able.
+    """
+
+    cursors: list[dict[str, Any]] = field(default_factory=list)
     next_worker: int = 0
     skipped: int = 0  # samples dropped so far (corrupt, unreadable, invalid)
 
+    @classmethod
+    def start(cls, num_workers: int) -> StreamPosition:
+        return cls([{"pass": 0, "token": None} for _ in range(num_workers)])
+
     def to_dict(self) -> dict[str, Any]:
-        return {"cursors": list(self.cursors), "next_worker": self.next_worker, "skipped": self.skipped}
+        return {"cursors": [dict(cursor) for cursor in self.cursors], "next_worker": self.next_worker,
+                "skipped": self.skipped}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> StreamPosition:
-        return cls(list(values["cursors"]), int(values["next_worker"]), int(values.get("skipped", 0)))
+        cursors = [{"pass": int(c["pass"]), "token": c["token"]} for c in values["cursors"]]
+        return cls(cursors, int(values["next_worker"]), int(values.get("skipped", 0)))
 
 
 @dataclass
 class TaggedBatch:
     batch: Batch
     worker: int
-    cursor: int  # raw items this worker had consumed after making this batch
+    cursor: dict[str, Any]  # this worker's cursor after making this batch
 
 
 class TrainStream(IterableDataset):
@@ -231,7 +294,7 @@ class TrainStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.logical_workers = max(1, num_workers)
-        self.position = position or StreamPosition([0] * self.logical_workers)
+        self.position = position or StreamPosition.start(self.logical_workers)
         if len(self.position.cursors) != self.logical_workers:
             raise ValueError(
                 f"the checkpoint's data position has {len(self.position.cursors)} worker(s) but "
@@ -242,19 +305,20 @@ class TrainStream(IterableDataset):
         conversation = self.source.to_conversation(item, self.seed)
         return prepare_sample(conversation, self.encoder, self.image_processor)
 
-    def _raw_stream(self, worker: int) -> Iterator[Any]:
+    def _raw_stream(self, worker: int, cursor: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """(raw item, cursor after it) from `cursor` on, pass after pass; the source seeks to the cursor."""
         global_worker = self.rank * self.logical_workers + worker
         total_workers = self.world_size * self.logical_workers
-        pass_index = 0
+        pass_index, token = cursor["pass"], cursor["token"]
         while True:
             produced = False
-            for item in self.source.raw_items(pass_index, global_worker, total_workers, self.seed):
+            for item, token in self.source.raw_items(pass_index, global_worker, total_workers, self.seed, token):
                 produced = True
-                yield item
-            if not produced:
+                yield item, {"pass": pass_index, "token": token}
+            if not produced and token is None:
                 raise DataError(f"rank {self.rank} worker {worker} got no data: too few samples for "
                                 f"{total_workers} reader(s)")
-            pass_index += 1
+            pass_index, token = pass_index + 1, None
 
     def __iter__(self) -> Iterator[TaggedBatch]:
         info = get_worker_info()
@@ -262,14 +326,11 @@ class TrainStream(IterableDataset):
         # The DataLoader always starts with its worker 0: map it to the logical worker whose turn it is.
         worker = (loader_worker + self.position.next_worker) % self.logical_workers
         cursor = self.position.cursors[worker]
-        raw = self._raw_stream(worker)
-        for _ in range(cursor):  # skip what was consumed before, without decoding
-            next(raw)
+        raw = self._raw_stream(worker, cursor)
         while True:
             samples, skipped = [], 0
             while len(samples) < self.micro_batch_size:
-                item = next(raw)
-                cursor += 1
+                item, cursor = next(raw)
                 try:
                     samples.append(self._build(item))
                 except DataError as error:
