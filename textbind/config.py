@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 MODULE_NAMES = ("vision_model", "query_tokens", "qformer", "qformer_projection", "language_model")
+# Conversation markups: Llama-2 chat as TextBind trained it, or the language model tokenizer's own chat template.
+TEMPLATES = ("llama2", "chat_template")
 
 # Every spelling of a dtype the configs and flags accept -> its canonical torch name.
 DTYPE_NAMES = {
@@ -50,6 +52,7 @@ class ModelConfig:
     qformer_num_heads: int = 0  # only for legacy Q-Former files without a config; 0: hidden size / 64 (BLIP-2)
     checkpoint: str = ""  # trained modules to load over the above (our export dir/file, or second_stage_model.pt)
     num_query_tokens: int = 32
+    template: str = "llama2"  # conversation markup: llama2 (Llama-2 chat) | chat_template (the tokenizer's own)
     trainable: list[str] = field(default_factory=lambda: ["query_tokens", "qformer", "qformer_projection"])
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
     attn_implementation: str = "sdpa"
@@ -63,6 +66,8 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_query_tokens <= 0:
             raise ConfigError("model.num_query_tokens must be positive")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"model.template must be one of {list(TEMPLATES)}, got {self.template!r}")
 
 
 @dataclass

@@ -134,9 +134,11 @@ def export_processor(bundle: ModelBundle) -> Blip2Processor:
     """The tokenizer (special tokens, chat template, left padding for batched generation) and image processor.
 
     `num_query_tokens` is left unset: a Blip2Processor that knows it prepends one image's tokens to the text,
-    whereas textbind's images stand where their markers are (the chat template expands them)."""
+    whereas textbind's images stand where their markers are (the Llama-2 chat template expands them). A model
+    trained with `model.template=chat_template` keeps its tokenizer's own template."""
     tokenizer = copy.deepcopy(bundle.tokenizer)
-    tokenizer.chat_template = llama2_chat_template(bundle.model.num_query_tokens)
+    if getattr(tokenizer, "textbind_template", "llama2") == "llama2":
+        tokenizer.chat_template = llama2_chat_template(bundle.model.num_query_tokens)
     tokenizer.padding_side = "left"
     return Blip2Processor(image_processor=bundle.image_processor, tokenizer=tokenizer)
 

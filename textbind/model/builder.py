@@ -236,6 +236,11 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
     dtype = DTYPES[config.dtype]
     parts = _load_blip2_parts(config, dtype) if config.pretrained else _load_separate_parts(config, dtype)
     tokenizer, language_model = parts.tokenizer, parts.language_model
+    if config.template == "chat_template" and not tokenizer.chat_template:
+        raise ValueError("model.template=chat_template: the language model's tokenizer has no chat template")
+    # Every ConversationEncoder built on this tokenizer (training, validation, generation) reads the markup here
+    # (textbind.data.sequence.TEMPLATE_ATTRIBUTE).
+    tokenizer.textbind_template = config.template
     resize_embeddings_for_special_tokens(language_model, len(tokenizer))
     model = MIMModel(
         vision_model=parts.vision_model,
