@@ -12,5 +12,6 @@ setup(
     package_data={
         "textbind._resources.configs": ["**/*.yaml", "**/*.json"],
         "textbind._resources.data": ["examples.json", "README.md"],
+        "textbind.datagen": ["data/*.txt", "data/*.jsonl"],  # the data engine's prompt template and seed examples
     },
 )
