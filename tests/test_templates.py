@@ -47,3 +47,27 @@ def test_generation_with_a_chat_template(bundle_of_style, image_dir, style):
             if expected[-1] == bundle.tokenizer.eos_token_id:
                 break
     assert done.token_ids == expected
+
+
+def test_a_qwen2_model_exports_to_stock_transformers(bundle_of_style, image_dir, tmp_path):
+    """A Qwen2 text model exports as well: the same logits in stock Blip2ForConditionalGeneration, its own template."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    from textbind.data.samples import prepare_sample
+    from textbind.export_hf import export
+
+    bundle = bundle_of_style("qwen2")
+    out = export(bundle, ModelConfig(template="chat_template"), tmp_path / "qwen2-export")
+    stock = Blip2ForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(stock.language_model).__name__ == "Qwen2ForCausalLM"
+    prompt = conversation(("user", "What is this? <image> And <image>", ["0.png", "1.png"]), image_dir=image_dir)
+    encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens)
+    encoded, pixel_values = prepare_sample(prompt, encoder, bundle.image_processor, for_inference=True)
+    input_ids = torch.tensor([encoded.input_ids])
+    with torch.no_grad():
+        ours = bundle.model(input_ids=input_ids, pixel_values=pixel_values).logits
+        theirs = stock(input_ids=input_ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == bundle.tokenizer.chat_template
+    loaded = build_model(ModelConfig(pretrained=str(out), template="chat_template"))
+    assert ConversationEncoder(loaded.tokenizer, 32).encode(prompt, for_inference=True).input_ids == encoded.input_ids

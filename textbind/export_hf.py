@@ -249,6 +249,12 @@ def model_card(
     table += [f"| {part} | {description} | {count:,} |" for part, description, count in rows]
     sections.append("## Model\n\n" + "\n".join(table) + f"\n\nWeights are stored in {str(model.dtype)[6:]}.\n")
     sections.append(USAGE.format(num_query_tokens=model.num_query_tokens, name=repository_name))
+    if getattr(bundle.tokenizer, "textbind_template", "llama2") != "llama2":
+        sections.append(
+            "This model was trained with its language model's own chat template (`model.template=chat_template`): "
+            f"the saved template writes messages as they are, so write each image as {model.num_query_tokens} "
+            "`<image>` tokens yourself, and load it in textbind with `model.template=chat_template`.\n"
+        )
     training = []
     if run_config:
         data, optim, train = (run_config.get(key) or {} for key in ("data", "optim", "train"))
