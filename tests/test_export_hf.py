@@ -170,6 +170,17 @@ def test_export_command_writes_a_model_card(tiny_paths, bundle, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_push_to_hub_goes_through_the_hub_library(tiny_paths, tmp_path, capsys, monkeypatch):
+    """Offline, the push reaches huggingface_hub and fails there with a clear message; the directory stays."""
+    from textbind.export_hf import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    paths = [f"--{key.replace('_', '-')}={value}" for key, value in tiny_paths.items()]
+    out = tmp_path / "pushed"
+    assert main([*paths, "--out", str(out), "--push-to-hub", "someone/textbind-tiny"]) == 1
+    assert "pushing" in capsys.readouterr().err and (out / "config.json").is_file()
+
+
 def test_export_script(tiny_paths, tmp_path):
     """scripts/export_hf.sh with the model variables of run_demo.sh, DTYPE, OUT and extra arguments."""
     import os
@@ -191,3 +202,39 @@ def test_export_script(tiny_paths, tmp_path):
     assert "license: apache-2.0" in (out / "README.md").read_text()
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         assert handle.get_tensor("language_projection.weight").dtype == torch.bfloat16
+
+
+def test_scripts_run_from_an_exported_directory(exported, image_dir, tmp_path):
+    """run_inference.sh with PRETRAINED answers from the export alone (the part paths point nowhere);
+    run_demo.sh passes it on and loads no CHECKPOINT unless one is given."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[1]
+    records = [{"conversation": [{"role": "user", "content": "What is this? <image>", "image_list": ["0.png"]}],
+                "image_dir": str(image_dir)}]
+    (tmp_path / "input.json").write_text(json.dumps(records))
+    variables = {"PRETRAINED": str(exported), "CONFIG": str(repository / "configs/model/tiny.yaml"), "SD_BASE": "",
+                 "INPUT": str(tmp_path / "input.json"), "OUTPUT": str(tmp_path / "out/results.json"),
+                 "VISION_MODEL": "/nowhere/vision", "LANGUAGE_MODEL": "/nowhere/llama",
+                 "PROCESSOR": "/nowhere/processor"}
+    environment = {key: value for key, value in os.environ.items() if key not in {*variables, "CHECKPOINT"}}
+    subprocess.run(["bash", "scripts/run_inference.sh", "--max-new-tokens", "3", "--device", "cpu"], cwd=repository,
+                   env={**environment, **variables, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True,
+                   timeout=300)
+    (result,) = json.loads((tmp_path / "out/results.json").read_text())
+    assert [turn["role"] for turn in result["conversation"]] == ["user", "assistant"]
+
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    path = {"PATH": f"{fake.parent}:{environment['PATH']}"}
+    shown = subprocess.run(["bash", "scripts/run_demo.sh"], cwd=repository, env={**environment, **path,
+                           "PRETRAINED": "someone/textbind"}, check=True, capture_output=True, text=True).stdout
+    arguments = shown.splitlines()
+    assert "model.pretrained=someone/textbind" in arguments and arguments[arguments.index("--checkpoint") + 1] == ""
+    plain = subprocess.run(["bash", "scripts/run_demo.sh"], cwd=repository, env={**environment, **path},
+                           check=True, capture_output=True, text=True).stdout.splitlines()
+    assert not any(argument.startswith("model.pretrained=") for argument in plain)

@@ -429,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(output)
     if args.push_to_hub:
-        print(push_to_hub(output, args.push_to_hub, private=args.private))
+        try:
+            print(push_to_hub(output, args.push_to_hub, private=args.private))
+        except OSError as error:  # the hub library's HTTP, connection and offline errors are OSErrors
+            print(f"textbind export: pushing {output} to {args.push_to_hub} failed: {error}", file=sys.stderr)
+            return 1
     return 0
 
 
