@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Shared launcher: runs `python -m MODULE ARGS...` under DeepSpeed's launcher on 1..N GPUs / nodes.
+# Shared launcher: runs `python -m MODULE ARGS...` (e.g. `textbind train ...`) under DeepSpeed's launcher
+# on 1..N GPUs / nodes.
 #   NUM_GPUS   GPUs per node (default: all visible; on a machine without GPUs, 1 CPU process per "GPU")
 #   HOSTFILE   DeepSpeed hostfile for several nodes ("host slots=8" lines); MASTER_ADDR / MASTER_PORT
 set -euo pipefail

@@ -28,8 +28,8 @@ STAGE1_SAMPLES=${STAGE1_SAMPLES:-7680}
 STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-6400}
 EVAL_ITEMS=${EVAL_ITEMS:-200}
 EVAL_LIMIT=${EVAL_LIMIT:-0}
-STAGE1_STEPS=${STAGE1_STEPS:-0}
-STAGE2_STEPS=${STAGE2_STEPS:-0}
+STAGE1_STEPS=${STAGE1_STEPS:-}  # empty: as the epochs say
+STAGE2_STEPS=${STAGE2_STEPS:-}
 # Two data-parallel CPU processes (DeepSpeed on gloo) when the machine has two cores or more.
 export NUM_GPUS=${NUM_GPUS:-$(( $(nproc) >= 2 ? 2 : 1 ))} MASTER_PORT=${MASTER_PORT:-29517}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -40,14 +40,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 seconds_since() { python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1"; }
 
 echo "== toy data and a small random model"
-python3 -m textbind.toy.datagen --out "$DATA" --seed "$SEED" --stage1-samples "$STAGE1_SAMPLES" \
+python3 -m textbind toy datagen --out "$DATA" --seed "$SEED" --stage1-samples "$STAGE1_SAMPLES" \
   --samples-per-shard 1000 --stage2-conversations "$STAGE2_CONVERSATIONS" \
   --eval-describe "$EVAL_ITEMS" --eval-draw "$EVAL_ITEMS"
-python3 -m textbind.toy.build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
+python3 -m textbind toy build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
 
 echo "== pretraining the vision encoder (the toy stand-in for BLIP-2's pretraining)"
 pretrain_started=$(date +%s.%N)
-python3 -m textbind.toy.pretrain --model-dir "$MODEL_DIR" --steps "$PRETRAIN_STEPS" --seed "$SEED"
+python3 -m textbind toy pretrain --model-dir "$MODEL_DIR" --steps "$PRETRAIN_STEPS" --seed "$SEED"
 pretrain_seconds=$(seconds_since "$pretrain_started")
 SHARDS="$DATA/stage1/{00000..$(printf %05d $(( (STAGE1_SAMPLES + 999) / 1000 - 1 )))}.tar"
 MODEL_ENV=(VISION_MODEL="$MODEL_DIR/blip2_vision_model" LANGUAGE_MODEL="$MODEL_DIR/llama" PROCESSOR="$MODEL_DIR/processor")
@@ -68,7 +68,7 @@ env "${MODEL_ENV[@]}" CONFIG=configs/toy/second_stage.yaml TRAIN_DATA_PATH="$DAT
 train_seconds=$(seconds_since "$started")
 
 echo "== held-out evaluation"
-python3 -m textbind.toy.evaluate --config configs/toy/model.yaml --checkpoint "$OUT/second_stage/second_stage_model" \
+python3 -m textbind toy evaluate --config configs/toy/model.yaml --checkpoint "$OUT/second_stage/second_stage_model" \
   --eval-dir "$DATA/eval" --out "$OUT/eval.json" --limit "$EVAL_LIMIT" --train-seconds "$train_seconds" \
   --pretrain-seconds "$pretrain_seconds" \
   model.vision_model="$MODEL_DIR/blip2_vision_model" model.qformer="$MODEL_DIR/blip2_qformer.safetensors" \

@@ -140,3 +140,39 @@ def test_resume_seeks_to_the_cursor_without_reading_what_came_before(bundle, tmp
         Path(finished).write_bytes(b"overwritten: not a tar any more")
     resumed = StreamLoader(make_stream(bundle, copied, position=saved), num_workers=0)
     assert [[s.replace(str(copy), str(tmp_path / "shards")) for s in b.sources] for b in take(resumed, 3)] == expected
+
+
+def test_remote_shards_through_webdatasets_opener(bundle, shards, tmp_path):
+    """`pipe:` commands and http:// URLs read the same samples in the same order as the local files, and resume."""
+    import functools
+    import http.server
+    import threading
+
+    local = Stage1Source(shards)
+    directory = Path(local.shards[0]).parent
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        names = ",".join(Path(shard).name for shard in local.shards)
+        url = f"http://127.0.0.1:{server.server_address[1]}/{{{names}}}"
+        piped = ",".join(f"pipe:cat {shard}" for shard in local.shards)
+        expected = [list(b.sources) for b in take(StreamLoader(make_stream(bundle, local), 0), 6)]
+
+        def keys(sources):
+            return [[s.split(" sample ")[-1] for s in batch] for batch in sources]
+
+        for pattern in (url, piped):
+            remote = Stage1Source(pattern)
+            assert len(remote.shards) == len(local.shards)
+            loader = StreamLoader(make_stream(bundle, remote), 0)
+            got = [list(b.sources) for b in take(loader, 3)]
+            saved = StreamPosition.from_dict(json.loads(json.dumps(loader.position.to_dict())))
+            resumed = StreamLoader(make_stream(bundle, remote, position=saved), 0)
+            got += [list(b.sources) for b in take(resumed, 3)]
+            assert keys(got) == keys(expected), pattern
+        with pytest.raises(DataError, match="samples_per_epoch"):
+            Stage1Source(url).count()
+    finally:
+        server.shutdown()

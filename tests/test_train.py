@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,33 @@ def run(command: list[str], env: dict[str, str], expect_ok: bool = True) -> subp
     return result
 
 
+def run_until_checkpoint(command: list[str], env: dict[str, str], output_dir: Path, step: int) -> int:
+    """Start `command`, SIGKILL its whole process group (launcher and ranks) as soon as a resumable checkpoint
+    of step `step` or later is complete (`latest` points at it); return the step `latest` points at."""
+    full_env = {**os.environ, "MASTER_PORT": free_port(), "PYTHONUNBUFFERED": "1", **env}
+    latest = output_dir / "checkpoints" / "latest"
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            if latest.is_file() and int(latest.read_text().removeprefix("step")) >= step:
+                os.killpg(process.pid, signal.SIGKILL)
+                break
+            if process.poll() is not None:
+                raise AssertionError(f"{command} ended before a checkpoint of step {step}:\n{process.stderr.read()}")
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"no checkpoint of step {step} within the time limit")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    return int(latest.read_text().removeprefix("step"))
+
+
 def metrics(output_dir: Path) -> dict[int, dict]:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return {record["step"]: record for record in map(json.loads, lines)}
@@ -60,7 +90,7 @@ def model_env(tiny_paths):
 
 
 def train_module(config: str, overrides: list[str], env: dict | None = None, expect_ok: bool = True):
-    return run([sys.executable, "-m", "textbind.train", "--config", config, *overrides], env or {}, expect_ok)
+    return run([sys.executable, "-m", "textbind", "train", "--config", config, *overrides], env or {}, expect_ok)
 
 
 def tiny_overrides(tiny_paths):
@@ -95,7 +125,13 @@ def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
     final = build_model(ModelConfig(**tiny_paths, checkpoint=str(stage2 / "second_stage_model")))
     assert sorted(json.loads((stage2 / "second_stage_model/textbind.json").read_text())["modules"]) == [
         "language_model", "qformer", "qformer_projection", "query_tokens"]
-    assert final.model is not None
+    # the run's saved config rebuilds the same model: parts, query-token count, weights
+    saved = load_config(stage2 / "second_stage_model/config.yaml").model
+    assert saved.num_query_tokens == final.model.num_query_tokens
+    rebuilt = build_model(replace(saved, checkpoint=str(stage2 / "second_stage_model")))
+    rebuilt_state, final_state = rebuilt.model.state_dict(), final.model.state_dict()
+    assert rebuilt_state.keys() == final_state.keys()
+    assert all(torch.equal(rebuilt_state[key], final_state[key]) for key in final_state)
     # validation loss through the script: the trained model fits its repeated data better than the start
     result = run(["bash", "scripts/run_second_stage_val.sh", "model.dtype=float32", "train.micro_batch_size=2"],
                  {**env, "VAL_DATA_PATH": data["small2"], "IMAGE_DIR": data["small_images"],
@@ -106,17 +142,17 @@ def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
 
 
 def test_resume_is_exact(tiny_paths, data, tmp_path):
-    """Killed after step 3 (last save at 2), resumed: steps 3..6 match an uninterrupted run."""
+    """SIGKILLed from outside after a checkpoint, resumed: every step matches an uninterrupted run."""
     common = ["--config", "configs/train/first_stage.yaml", *tiny_overrides(tiny_paths), *FAST,
               f"data.train_path={data['stage1']}", "data.num_workers=2", "train.micro_batch_size=2",
               "train.global_batch_size=4", "train.max_steps=6", "train.save_every=2", "optim.warmup_steps=2"]
-    run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'straight'}"], {})
-    crashed = run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'resumed'}",
-                   "--crash-at-step", "3"], {}, expect_ok=False)
-    assert crashed.returncode == 17
-    assert (tmp_path / "resumed/checkpoints/latest").read_text() == "step00000002"
+    train = [sys.executable, "-m", "textbind", "train"]
+    run([*train, *common, f"train.output_dir={tmp_path / 'straight'}"], {})
+    killed_at = run_until_checkpoint([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {},
+                                     tmp_path / "resumed", step=2)
+    assert killed_at in (2, 4)
     assert not (tmp_path / "resumed/first_stage_model").exists()
-    run([sys.executable, "-m", "textbind.train", *common, f"train.output_dir={tmp_path / 'resumed'}"], {})
+    run([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {})
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 7))
     for step in range(1, 7):
@@ -129,13 +165,36 @@ def test_resume_is_exact(tiny_paths, data, tmp_path):
     assert a == b
 
 
+def test_lora_resume_is_exact(tiny_paths, data, tmp_path):
+    """Stage 2 with LoRA adapters, killed after a checkpoint and resumed: the same losses and merged export."""
+    common = ["--config", "configs/train/second_stage_lora.yaml", *tiny_overrides(tiny_paths), *FAST,
+              f"data.train_path={data['stage2']}", f"data.image_dir={data['images']}", "model.checkpoint=",
+              "train.micro_batch_size=2", "train.global_batch_size=2", "train.max_steps=4", "train.save_every=2",
+              "optim.warmup_steps=1", "model.gradient_checkpointing=false", "train.lora.rank=4",
+              "train.deepspeed_config=configs/deepspeed/cpu_fp32.json"]
+    train = [sys.executable, "-m", "textbind", "train"]
+    run([*train, *common, f"train.output_dir={tmp_path / 'straight'}"], {})
+    killed_at = run_until_checkpoint([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {},
+                                     tmp_path / "resumed", step=2)
+    assert killed_at == 2 and not (tmp_path / "resumed/second_stage_model").exists()
+    run([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {})
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    for step in range(1, 5):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-7), step
+    a = (tmp_path / "straight/second_stage_model/model.safetensors").read_bytes()
+    b = (tmp_path / "resumed/second_stage_model/model.safetensors").read_bytes()
+    assert a == b
+    assert (tmp_path / "resumed/second_stage_model/adapter/adapter_model.safetensors").is_file()
+    assert straight[4]["loss"] < straight[1]["loss"]
+
+
 def test_two_ranks_disjoint_data_and_resume(tiny_paths, data, tmp_path):
     env = {**model_env(tiny_paths), "NUM_GPUS": "2", "TRAIN_DATA_PATH": data["stage2"], "IMAGE_DIR": data["images"],
            "CHECKPOINT": "", "QFORMER": tiny_paths["qformer"], "OUTPUT_DIR": str(tmp_path / "run")}
     overrides = [*FAST, "train.micro_batch_size=1", "train.global_batch_size=4", "train.max_steps=4",
                  "train.save_every=2", "train.record_samples=true", "model.gradient_checkpointing=false"]
-    first = run(["bash", "scripts/run_second_stage.sh", *overrides, "--crash-at-step", "2"], env, expect_ok=False)
-    assert first.returncode != 0 and (tmp_path / "run/checkpoints/latest").read_text() == "step00000002"
+    killed_at = run_until_checkpoint(["bash", "scripts/run_second_stage.sh", *overrides], env, tmp_path / "run", 2)
+    assert killed_at == 2 and not (tmp_path / "run/second_stage_model").exists()
     run(["bash", "scripts/run_second_stage.sh", *overrides], env)
     per_rank = [[json.loads(line) for line in (tmp_path / f"run/samples/rank{r}.jsonl").read_text().splitlines()]
                 for r in range(2)]
@@ -214,7 +273,7 @@ def test_zero3_matches_zero2(tiny_paths, data, tmp_path):
 
 
 def test_lr_multipliers_make_groups(bundle):
-    from textbind.train import lr_groups
+    from textbind.optim import lr_groups
 
     groups = lr_groups(bundle.model, 1e-4, {"qformer": 3.0})
     by_lr = {group["lr"]: sum(p.numel() for p in group["params"]) for group in groups}

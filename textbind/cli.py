@@ -84,6 +84,10 @@ def run_command(module_name: str, prog: str, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    # DeepSpeed's launcher puts `--local_rank=N` right after the module (`-m textbind --local_rank=0 train ...`):
+    # hand it to the subcommand, whose parser accepts it.
+    launcher = [argument for argument in arguments if argument.startswith(("--local_rank=", "--local-rank="))]
+    arguments = [argument for argument in arguments if argument not in launcher] + launcher
     prefix, commands, summary = "textbind", COMMANDS, SUMMARY
     while True:
         if not arguments or arguments[0] in ("-h", "--help"):

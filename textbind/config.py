@@ -45,18 +45,19 @@ class ModelConfig:
     # A transformers Blip2ForConditionalGeneration directory or hub id (what `textbind export` writes): when set,
     # the vision model, Q-Former, projector, language model, tokenizer and processor all come from it.
     pretrained: str | None = None  # Blip2 directory or hub id; when set, the part paths below are not used
-    vision_model: str = ""  # Blip2VisionModel directory or hub id
-    qformer: str = ""  # query tokens + Q-Former weights (.safetensors, or a legacy .pt state dict)
-    language_model: str = ""  # Llama directory or hub id (weights + tokenizer)
-    processor: str = ""  # BLIP-2 processor / image processor directory or hub id
-    qformer_num_heads: int = 0  # only for legacy Q-Former files without a config; 0: hidden size / 64 (BLIP-2)
-    checkpoint: str = ""  # trained modules to load over the above (our export dir/file, or second_stage_model.pt)
-    num_query_tokens: int = 32
+    vision_model: str | None = None  # Blip2VisionModel directory or hub id
+    qformer: str | None = None  # query tokens + Q-Former weights (.safetensors, or a legacy .pt state dict)
+    language_model: str | None = None  # Llama directory or hub id (weights + tokenizer)
+    processor: str | None = None  # BLIP-2 processor / image processor directory or hub id
+    qformer_num_heads: int | None = None  # legacy Q-Former files without a config only; null: hidden size / 64
+    checkpoint: str | None = None  # trained modules to load over the parts (our export, or second_stage_model.pt)
+    num_query_tokens: int | None = None  # null: as the Q-Former file holds; set: checked against it
     template: str = "llama2"  # conversation markup: llama2 (Llama-2 chat) | chat_template (the tokenizer's own)
     trainable: list[str] = field(default_factory=lambda: ["query_tokens", "qformer", "qformer_projection"])
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # the language model's attention: sdpa | eager | flex_attention
+    gradient_checkpointing: bool = False  # recompute the language model's activations in backward (memory)
+    quantize: str | None = None  # 4bit | 8bit: load the language model quantized for inference (CUDA + bitsandbytes)
 
     def validate(self) -> None:
         unknown = [name for name in self.trainable if name not in MODULE_NAMES]
@@ -64,8 +65,12 @@ class ModelConfig:
             raise ConfigError(f"model.trainable: unknown module(s) {unknown}; choose from {list(MODULE_NAMES)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.num_query_tokens <= 0:
-            raise ConfigError("model.num_query_tokens must be positive")
+        if self.num_query_tokens is not None and self.num_query_tokens <= 0:
+            raise ConfigError("model.num_query_tokens must be positive (or null: as the Q-Former file holds)")
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"model.quantize must be 4bit, 8bit or null, got {self.quantize!r}")
+        if self.qformer_num_heads is not None and self.qformer_num_heads <= 0:
+            raise ConfigError("model.qformer_num_heads must be positive (or null)")
         if self.template not in TEMPLATES:
             raise ConfigError(f"model.template must be one of {list(TEMPLATES)}, got {self.template!r}")
 
@@ -77,13 +82,12 @@ class DataConfig:
     stage: int = 1  # 1: webdataset image-caption shards; 2: conversation JSON
     train_path: str = ""  # stage 1: brace pattern of tars; stage 2: JSON file(s), comma separated
     train_weights: list[float] = field(default_factory=list)  # stage 2 mixture weights, one per JSON file
-    val_path: str = ""
+    val_path: str | None = None  # held-out data for textbind validate (same formats as train_path)
     image_dir: str = ""  # global image dir for stage-2 records without their own image_dir
-    max_input_length: int = 256
-    samples_per_epoch: int = 0  # stage 1: an epoch is this many samples (0: one pass over the data)
-    num_workers: int = 2
+    max_input_length: int = 256  # tokens of the main sequence; longer ones are cut (never inside an image)
+    samples_per_epoch: int | None = None  # an epoch is this many samples (null: one pass over the data)
+    num_workers: int = 2  # data-loader worker processes per rank (0: load in the training process)
     on_bad_record: str = "skip"  # skip | error
-    system_prompt: str = ""
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -92,19 +96,21 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_record must be 'skip' or 'error', got {self.on_bad_record!r}")
         if self.max_input_length < 8:
             raise ConfigError("data.max_input_length must be at least 8")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError("data.samples_per_epoch must be positive (or null: one pass over the data)")
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and schedule (Adam, cosine with warmup)."""
 
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: float = 1e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam's
+    eps: float = 1e-8  # Adam's
     weight_decay: float = 0.001
-    warmup_steps: int = 2000
-    min_lr_ratio: float = 0.0
-    gradient_clipping: float = 1.0
+    warmup_steps: int = 2000  # linear warmup, then a cosine decay to min_lr_ratio x lr
+    min_lr_ratio: float = 0.0  # the cosine's floor as a share of lr
+    gradient_clipping: float = 1.0  # max global gradient norm
     lr_multipliers: dict[str, float] = field(default_factory=dict)  # per top-level module, e.g. {vision_model: 3}
 
     def validate(self) -> None:
@@ -114,34 +120,61 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on the language model (PEFT); the Q-Former and projector still train fully."""
+
+    enabled: bool = False  # the language model trains through adapters only (whatever model.trainable says)
+    rank: int = 16  # r of each adapter
+    alpha: float = 32.0  # scaling = alpha / rank
+    dropout: float = 0.05
+    target_modules: list[str] = field(  # the language model's linear layers that get an adapter
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    save_adapter: bool = False  # also write the adapter alone (PEFT layout) beside the merged export
+
+    def validate(self) -> None:
+        if self.enabled and (self.rank < 1 or not self.target_modules):
+            raise ConfigError("train.lora: rank must be positive and target_modules not empty")
+
+
+@dataclass
 class TrainConfig:
     """Batching, length, checkpointing and logging of one run."""
 
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # checkpoints, metrics, TensorBoard and the export go here
     export_name: str = "model"  # the trained modules are exported to output_dir/export_name at the end
-    epochs: int = 1
-    max_steps: int = 0  # 0: derived from epochs
-    micro_batch_size: int = 1
+    epochs: int = 1  # passes over samples_per_epoch samples
+    max_steps: int | None = None  # optimizer steps; null: derived from epochs
+    micro_batch_size: int = 1  # samples per forward on each rank
     global_batch_size: int = 1  # = micro_batch_size x gradient_accumulation x world size
-    seed: int = 42
-    deepspeed_config: str = ""  # engine JSON (ZeRO stage, precision, offload)
-    zero_stage: int = -1  # -1: as the engine JSON says
-    precision: str = ""  # "" (engine JSON) | bf16 | fp16 | fp32
+    seed: int = 42  # data order, initialisation, dropout
+    deepspeed_config: str | None = None  # engine JSON (ZeRO stage, precision, offload); null: ZeRO-2 defaults
+    zero_stage: int | None = None  # null: as the engine JSON says
+    precision: str | None = None  # null: as the engine JSON says | bf16 | fp16 | fp32
     save_every: int = 1000  # steps between resumable checkpoints; 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # resumable checkpoints kept
     resume: str = "auto"  # auto | never | <path to a resumable checkpoint>
-    log_every: int = 10
-    tensorboard: bool = True
+    log_every: int = 10  # steps between log lines (metrics.jsonl gets every step)
+    tensorboard: bool = True  # TensorBoard events in output_dir/tensorboard
     record_samples: bool = False  # write output_dir/samples/rank{R}.jsonl: which samples each step saw
-    wandb_project: str = ""
+    wandb_project: str | None = None  # Weights & Biases project (with WANDB_API_KEY set); null: off
+    lora: LoraConfig = field(default_factory=LoraConfig)  # train.lora.*: adapters instead of full fine-tuning
+    quantize: str | None = None  # 4bit | 8bit: load the frozen language model quantized (QLoRA; CUDA + bitsandbytes)
 
     def validate(self) -> None:
         for name in ("epochs", "micro_batch_size", "global_batch_size", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every must be 0 or more, got {self.save_every}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be positive (or null: derived from epochs), got {self.max_steps}")
+        self.lora.validate()
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"train.quantize must be 4bit, 8bit or null, got {self.quantize!r}")
+        if self.quantize and not self.lora.enabled:
+            raise ConfigError("train.quantize needs train.lora.enabled=true: a quantized model trains through adapters")
+        if self.precision not in (None, "bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision must be bf16, fp16, fp32 or null, got {self.precision!r}")
         if self.deepspeed_config:
             from textbind.resources import resolve_resource
 
@@ -169,7 +202,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if value is None:
+        # Unset: YAML null, or from a command line or script variable "", "none" or "null".
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
         return _coerce(value, options[0], where)
     if origin is dict:
@@ -293,22 +327,31 @@ def config_help(config_type: type = RunConfig) -> str:
     import inspect
     import re
 
-    lines = []
-    root = config_type()
-    for section in dataclasses.fields(root):
-        value = getattr(root, section.name)
-        cls = type(value)
-        comments = {}
+    def comments_of(cls: type) -> dict[str, str]:
+        found = {}
         for line in inspect.getsource(cls).splitlines():
             match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
             if match:
-                comments[match.group(1)] = match.group(2)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        lines.append(f"{section.name}:  {doc}")
-        for item in dataclasses.fields(value):
-            default = getattr(value, item.name)
+                found[match.group(1)] = match.group(2)
+        return found
+
+    def describe(section: Any, prefix: str, lines: list[str]) -> None:
+        comments = comments_of(type(section))
+        for item in dataclasses.fields(section):
+            default = getattr(section, item.name)
+            if dataclasses.is_dataclass(default):
+                describe(default, f"{prefix}{item.name}.", lines)
+                continue
             shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
                                    default_flow_style=True).strip().removesuffix("...").strip()
             meaning = comments.get(item.name, "")
-            lines.append(f"  {section.name}.{item.name} = {shown}" + (f"    # {meaning}" if meaning else ""))
+            lines.append(f"  {prefix}{item.name} = {shown}" + (f"    # {meaning}" if meaning else ""))
+
+    lines: list[str] = []
+    root = config_type()
+    for section in dataclasses.fields(root):
+        value = getattr(root, section.name)
+        doc = (type(value).__doc__ or "").strip().splitlines()
+        lines.append(f"{section.name}:  {doc[0] if doc else ''}")
+        describe(value, f"{section.name}.", lines)
     return "\n".join(lines)

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from textbind.config import ConfigError
 from textbind.data.conversation import DataError, parse_record, validate_conversation
 from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.io import atomic_write_json
 from textbind.runtime import (
     add_generation_arguments,
     add_setup_arguments,
@@ -42,18 +42,6 @@ from textbind.runtime import (
 )
 
 logger = logging.getLogger(__name__)
-
-def _write_json_atomically(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, ensure_ascii=False, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
 
 def run_inference(
     generator: InterleavedGenerator,
@@ -87,7 +75,7 @@ def run_inference(
             except DataError as error:
                 logger.warning("skipped: %s", error)
                 errors.append(str(error))
-    _write_json_atomically(results, output_file)
+    atomic_write_json(output_file, results)
     logger.info("%s: answered %d of %d records", output_file, len(results), len(records))
     if errors:
         logger.warning("skipped %d record(s); see the messages above", len(errors))

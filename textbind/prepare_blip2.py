@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Blip2Config, Blip2VisionModel
 
-from textbind.model.builder import load_torch_state_dict
+from textbind.checkpoint import load_torch_state_dict
 
 logger = logging.getLogger(__name__)
 

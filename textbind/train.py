@@ -1,6 +1,12 @@
-"""One training recipe for both stages: setup -> fit -> save; the stages differ only in configuration.
+"""One training recipe for both stages: set up a run, then the loop; the stages differ only in configuration.
 
-    deepspeed --num_gpus 8 --module textbind.train --config configs/train/first_stage.yaml [key=value ...]
+    deepspeed --num_gpus 8 --module textbind train --config configs/train/first_stage.yaml [key=value ...]
+    (scripts/run_first_stage.sh and scripts/run_second_stage.sh run this with the README's paths)
+
+`setup_run` derives the plan (batch arithmetic, schedule length), builds the model and the DeepSpeed
+engine, resumes from the latest checkpoint when there is one and opens the data stream and the
+metrics; `train_loop` runs the optimizer steps, saving resumable checkpoints (`textbind.checkpoint`)
+on the way and exporting the trained modules at the end.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,28 +25,18 @@ from typing import Any
 
 import torch
 
-from textbind.checkpoint import save_trained_modules
-from textbind.config import RunConfig, load_config, save_config
+from textbind.checkpoint import export_trained, load_resumable, resolve_resume, save_resumable
+from textbind.config import RunConfig, config_help, config_to_dict, load_config, save_config
 from textbind.data.sequence import ConversationEncoder
-from textbind.data.streams import (
-    Stage1Source,
-    Stage2Source,
-    StreamLoader,
-    StreamPosition,
-    TrainStream,
-    load_stage2_groups,
-)
+from textbind.data.streams import StreamLoader, StreamPosition, TrainStream, build_train_source
 from textbind.loss import compute_loss
-from textbind.model.builder import ModelBundle, build_model
+from textbind.model.builder import build_model
 from textbind.model.mim import MIMModel
+from textbind.optim import cosine_schedule, lr_groups
 
 logger = logging.getLogger("textbind.train")
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-
-
-# ---------------------------------------------------------------------------------------------- setup
+WANDB_RUN_FILE = "wandb_run_id"
 
 
 @dataclass
@@ -80,7 +75,7 @@ def engine_config(config: RunConfig, plan: Plan, on_gpu: bool) -> dict[str, Any]
     if config.train.deepspeed_config:
         engine = json.loads(Path(config.train.deepspeed_config).read_text())
     engine.setdefault("zero_optimization", {"stage": 2})
-    if config.train.zero_stage >= 0:
+    if config.train.zero_stage is not None:
         engine["zero_optimization"]["stage"] = config.train.zero_stage
     precision = config.train.precision
     if precision:
@@ -111,138 +106,16 @@ def engine_config(config: RunConfig, plan: Plan, on_gpu: bool) -> dict[str, Any]
     return engine
 
 
-def lr_groups(model: MIMModel, lr: float, multipliers: dict[str, float]) -> list[dict[str, Any]]:
-    """Trainable parameters grouped by learning rate (lr x the multiplier of their top-level module)."""
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            groups.setdefault(lr * multipliers.get(name.split(".")[0], 1.0), []).append(parameter)
-    return [{"params": parameters, "lr": group_lr} for group_lr, parameters in groups.items()]
-
-
-def cosine_schedule(warmup_steps: int, total_steps: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def build_source(config: RunConfig, rank: int) -> tuple[Stage1Source | Stage2Source, int]:
-    data = config.data
-    if data.stage == 1:
-        source = Stage1Source(data.train_path, data.shuffle_buffer)
-        return source, data.samples_per_epoch or source.count()
-    reporter = logger.warning if rank == 0 else None
-    groups = load_stage2_groups(data.train_path, data.image_dir, data.on_bad_record, reporter)
-    source = Stage2Source(groups, data.train_weights or None)
-    return source, data.samples_per_epoch or source.count(config.train.seed)
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    latest = output_dir / CHECKPOINTS_DIR / LATEST_FILE
-    if not latest.is_file():
-        return None
-    tag_dir = output_dir / CHECKPOINTS_DIR / latest.read_text().strip()
-    return tag_dir if tag_dir.is_dir() else None
-
-
-def resolve_resume(config: RunConfig) -> Path | None:
-    mode = config.train.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        return latest_checkpoint(Path(config.train.output_dir))
-    path = Path(mode)
-    if not path.is_dir():
-        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
-    return path
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_resumable(engine: Any, output_dir: Path, step: int, loader: StreamLoader, keep_last: int) -> None:
-    """Model, optimizer, scheduler (DeepSpeed) + step, data position and RNG of every rank.
-
-    `latest` is rewritten atomically only after every rank has written everything, so a run killed
-    mid-save resumes from the previous checkpoint; older checkpoints are pruned after that.
-    """
-    import torch.distributed as dist
-
-    checkpoints = output_dir / CHECKPOINTS_DIR
-    tag = f"step{step:08d}"
-    tag_dir = checkpoints / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank()
-    torch.save(
-        {"step": step, "data_position": loader.position.to_dict(), "rng": rng_state()},
-        tag_dir / f"trainer_state_rank{rank}.pt",
-    )
-    engine.save_checkpoint(str(checkpoints), tag=tag, save_latest=False, exclude_frozen_parameters=True)
-    dist.barrier()
-    if rank == 0:
-        temporary = checkpoints / f".{LATEST_FILE}.tmp"
-        temporary.write_text(tag)
-        temporary.replace(checkpoints / LATEST_FILE)
-        tags = sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load_resumable(engine: Any, tag_dir: Path) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
-    state_file = tag_dir / f"trainer_state_rank{dist.get_rank()}.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file} is missing: was the run resumed with another world size?")
-    return torch.load(state_file, weights_only=True)
-
-
-def export_trained(engine: Any, module: MIMModel, path: Path, config: RunConfig, plan: Plan) -> None:
-    """Write the trained modules (safetensors + resolved config); gathers ZeRO-3 partitions first."""
-    import torch.distributed as dist
-
-    names = module.trainable_module_names()
-    if engine.zero_optimization_stage() == 3:
-        full = engine._zero3_consolidated_16bit_state_dict()  # on rank 0 only
-        if dist.get_rank() == 0:
-            state = {k: v for k, v in full.items() if k.split(".")[0] in names}
-            module.load_state_dict(state, strict=False)
-    if dist.get_rank() == 0:
-        save_trained_modules(module, path, config, names,
-                             extra_info={"steps": plan.total_steps, "global_batch_size": plan.global_batch_size})
-    dist.barrier()
-
 
 # ------------------------------------------------------------------------------------------- logging
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard, + Weights & Biases when configured) on rank 0."""
+    """metrics.jsonl (+ TensorBoard, + Weights & Biases when configured) on rank 0.
+
+    A resumed run drops what a killed run logged past the checkpoint it resumes from, and continues
+    the same W&B run (its id is kept in the output directory).
+    """
 
     def __init__(self, config: RunConfig, output_dir: Path, resumed_step: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -251,7 +124,7 @@ class MetricsLog:
         self.wandb = None
         if not enabled:
             return
-        if self.path.exists():  # drop what a killed run logged past the checkpoint we resume from
+        if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resumed_step]
             self.path.write_text("".join(line + "\n" for line in kept))
@@ -265,7 +138,11 @@ class MetricsLog:
         if config.train.wandb_project and os.environ.get("WANDB_API_KEY"):
             import wandb
 
-            self.wandb = wandb.init(project=config.train.wandb_project, dir=str(output_dir), resume="allow")
+            id_file = output_dir / WANDB_RUN_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=config.train.wandb_project, dir=str(output_dir), id=run_id,
+                                    resume="allow", config=config_to_dict(config))
 
     def log(self, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -287,54 +164,40 @@ class MetricsLog:
             self.wandb.finish()
 
 
-# ---------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------- setup
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--crash-at-step", type=int, default=0, help=argparse.SUPPRESS)  # resume tests
-    return parser.parse_args(argv)
+@dataclass
+class RunState:
+    """What the loop needs, made once by `setup_run`."""
+
+    config: RunConfig
+    plan: Plan
+    rank: int
+    world_size: int
+    model: MIMModel
+    engine: Any  # the DeepSpeed engine around `model`
+    scheduler: Any
+    loader: StreamLoader
+    metrics: MetricsLog
+    output_dir: Path
+    start_step: int
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_run(config: RunConfig, rank: int, world_size: int, device: torch.device) -> RunState:
     import deepspeed
-    import torch.distributed as dist
-
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    rank, world_size, device = setup_distributed()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-    )
-    fit(config, rank, world_size, device, crash_at_step=args.crash_at_step)
-
-
-def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, crash_at_step: int = 0) -> Path:
-    import deepspeed
-    import torch.distributed as dist
-    from tqdm import tqdm
 
     output_dir = Path(config.train.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    source, samples_per_epoch = build_source(config, rank)
+    source, samples_per_epoch = build_train_source(config.data, config.train.seed,
+                                                   logger.warning if rank == 0 else None)
     plan = make_plan(config, world_size, samples_per_epoch)
+
+    torch.manual_seed(config.train.seed)  # the same fresh weights (projector) on every rank
+    bundle = build_model(config.model, lora=config.train.lora, quantize=config.train.quantize)
+    model = bundle.model
+    model.train()
+    config.model.num_query_tokens = model.num_query_tokens  # the saved config records what was built
     if rank == 0:
         save_config(config, output_dir / "config.yaml")
         logger.info(
@@ -342,28 +205,21 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
             "%d optimizer steps", config.data.stage, samples_per_epoch, config.train.epochs,
             plan.global_batch_size, plan.micro_batch_size, plan.gradient_accumulation, world_size, plan.total_steps,
         )
-
-    torch.manual_seed(config.train.seed)  # the same fresh weights (projector) on every rank
-    bundle: ModelBundle = build_model(config.model)
-    model = bundle.model
-    model.train()
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if rank == 0:
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         logger.info("training %s: %.2fM parameters", model.trainable_module_names(),
                     sum(p.numel() for p in trainable) / 1e6)
-    parameter_groups = lr_groups(model, config.optim.lr, config.optim.lr_multipliers)
     schedule = cosine_schedule(config.optim.warmup_steps, plan.total_steps, config.optim.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups, config=engine_config(config, plan, device.type == "cuda"),
+        model=model, model_parameters=lr_groups(model, config.optim.lr, config.optim.lr_multipliers),
+        config=engine_config(config, plan, device.type == "cuda"),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
 
     start_step, position = 0, None
-    resume_from = resolve_resume(config)
+    resume_from = resolve_resume(config.train.resume, output_dir)
     if resume_from is not None:
-        state = load_resumable(engine, resume_from)
+        state = load_resumable(engine, resume_from)  # restores the RNG state too
         start_step, position = int(state["step"]), StreamPosition.from_dict(state["data_position"])
-        set_rng_state(state["rng"])
         if rank == 0:
             logger.info("resumed from %s at step %d", resume_from, start_step)
     else:
@@ -375,15 +231,32 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
         source, encoder, bundle.image_processor, micro_batch_size=plan.micro_batch_size, seed=config.train.seed,
         rank=rank, world_size=world_size, num_workers=config.data.num_workers, position=position,
     )
-    loader = StreamLoader(stream, config.data.num_workers)
-    metrics = MetricsLog(config, output_dir, start_step, enabled=rank == 0)
-    progress = tqdm(total=plan.total_steps, initial=start_step, disable=rank != 0, desc=f"stage {config.data.stage}",
-                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    return RunState(
+        config=config, plan=plan, rank=rank, world_size=world_size, model=model, engine=engine,
+        scheduler=scheduler, loader=StreamLoader(stream, config.data.num_workers),
+        metrics=MetricsLog(config, output_dir, start_step, enabled=rank == 0), output_dir=output_dir,
+        start_step=start_step,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+def train_loop(run: RunState) -> Path:
+    """Optimizer steps from `run.start_step` to the end of the plan; checkpoints on the way, export at the end."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    config, plan, engine, loader = run.config, run.plan, run.engine, run.loader
+    progress = tqdm(total=plan.total_steps, initial=run.start_step, disable=run.rank != 0,
+                    desc=f"stage {config.data.stage}", dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
     samples_log = None
     if config.train.record_samples:
-        (output_dir / "samples").mkdir(exist_ok=True)
-        samples_log = (output_dir / "samples" / f"rank{rank}.jsonl").open("a")
-    step = start_step
+        (run.output_dir / "samples").mkdir(exist_ok=True)
+        samples_log = (run.output_dir / "samples" / f"rank{run.rank}.jsonl").open("a")
+    save_every = config.train.save_every or plan.total_steps
+    step = run.start_step
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     try:
         while step < plan.total_steps:
@@ -406,38 +279,83 @@ def fit(config: RunConfig, rank: int, world_size: int, device: torch.device, cra
             values = {
                 "step": step,
                 "loss": float(totals[0] / totals[1]),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": run.scheduler.get_last_lr()[0],
                 "samples_per_second": float(totals[2]) / elapsed,
                 "tokens_per_second": float(totals[3]) / elapsed,
                 "skipped_samples": int(totals[4]),
             }
-            metrics.log(values)
+            run.metrics.log(values)
             progress.update(1)
             progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
                                  samples_s=f"{values['samples_per_second']:.1f}",
                                  tokens_s=f"{values['tokens_per_second']:.0f}", refresh=False)
-            if step % config.train.log_every == 0 and rank == 0:
+            if step % config.train.log_every == 0 and run.rank == 0:
                 logger.info("step %d/%d %s", step, plan.total_steps,
                             " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "step"))
             window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-            save_every = config.train.save_every or plan.total_steps
             if step % save_every == 0 or step == plan.total_steps:
-                save_resumable(engine, output_dir, step, loader, config.train.keep_last)
+                save_resumable(engine, run.output_dir, step, {"data_position": loader.position.to_dict()},
+                               config.train.keep_last)
             if samples_log is not None:
                 samples_log.flush()
-            if crash_at_step and step == crash_at_step:
-                os._exit(17)  # a hard kill: no cleanup, no final export (tests of resume)
     finally:
         progress.close()
-        metrics.close()
+        run.metrics.close()
         if samples_log is not None:
             samples_log.close()
-    export_dir = output_dir / config.train.export_name
-    export_trained(engine, model, export_dir, config, plan)
-    if rank == 0:
+    export_dir = run.output_dir / config.train.export_name
+    export_trained(engine, run.model, export_dir, config,
+                   {"steps": plan.total_steps, "global_batch_size": plan.global_batch_size})
+    if run.rank == 0:
         logger.info("exported the trained modules to %s", export_dir)
     return export_dir
 
 
+def fit(config: RunConfig, rank: int, world_size: int, device: torch.device) -> Path:
+    return train_loop(setup_run(config, rank, world_size, device))
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="textbind train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (section.key = default  # meaning):\n" + config_help(),
+    )
+    parser.add_argument("--config", required=True, help="run config YAML (configs/train/*.yaml, configs/toy/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    return parser.parse_args(argv)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    import deepspeed
+    import torch.distributed as dist
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    on_gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    rank, world_size, device = setup_distributed()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    fit(config, rank, world_size, device)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Validation loss of a model on held-out stage-1 shards or stage-2 conversations (one pass, in order).
 
-    python -m textbind.validate --config configs/train/second_stage.yaml data.val_path=... model.checkpoint=...
+    textbind validate --config configs/train/second_stage.yaml data.val_path=... model.checkpoint=...
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from textbind.config import RunConfig, load_config
+from textbind.config import RunConfig, config_help, load_config
 from textbind.data.collate import collate
 from textbind.data.conversation import DataError
 from textbind.data.samples import prepare_sample
@@ -79,7 +79,10 @@ def validation_loss(config: RunConfig, rank: int = 0, world_size: int = 1, max_b
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="textbind validate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (section.key = default  # meaning):\n" + config_help(),
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
     parser.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0: all)")

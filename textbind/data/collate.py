@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from textbind import IGNORE_INDEX
 from textbind.data.sequence import EncodedConversation
-from textbind.model.mim import IGNORE_INDEX
 
 PADDING_SEGMENT = -1
 

@@ -22,6 +22,11 @@ class DataError(ValueError):
     """A record, field or file of the training or inference data is not usable; the message says where."""
 
 
+def split_at_images(content: str) -> list[str]:
+    """A turn's text around its `<image>` markers: n markers give n + 1 pieces (the pieces may be empty)."""
+    return content.split(IMAGE_TOKEN)
+
+
 @dataclass
 class Turn:
     role: str

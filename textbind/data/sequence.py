@@ -23,9 +23,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from textbind import END_TOKEN, IMAGE_TOKEN, START_TOKEN
-from textbind.data.conversation import Conversation, DataError
-from textbind.model.mim import IGNORE_INDEX
+from textbind import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, START_TOKEN
+from textbind.data.conversation import Conversation, DataError, split_at_images
 
 MAIN_SEGMENT = 0
 LLAMA2 = "llama2"
@@ -101,7 +100,7 @@ class ConversationEncoder:
 
     def _content_pieces(self, content: str, images: list[Any], captions: list[str] | None, supervised: bool,
                         where: str) -> list[_Piece]:
-        texts = content.split(IMAGE_TOKEN)
+        texts = split_at_images(content)
         if len(texts) - 1 != len(images):
             raise DataError(f"{where}: {len(texts) - 1} {IMAGE_TOKEN} marker(s) but {len(images)} image(s)")
         pieces = []

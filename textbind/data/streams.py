@@ -10,12 +10,15 @@ data before the cursor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import random
 import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
 
 from textbind import IMAGE_TOKEN
 from textbind.data.collate import Batch, collate
@@ -69,12 +73,38 @@ def stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def is_remote(shard: str) -> bool:
+    """A shard that webdataset's opener fetches (`pipe:CMD`, `http(s)://`, `hf://`, ...), not a local file."""
+    return shard.startswith("pipe:") or "://" in shard
+
+
+def _split_patterns(text: str) -> list[str]:
+    """Top-level commas separate patterns (commas inside `{a,b}` belong to the brace); so does whitespace,
+    except inside a `pipe:` command, which runs as written."""
+    parts, depth, current = [], 0, ""
+    for character in text:
+        depth += {"{": 1, "}": -1}.get(character, 0)
+        if character == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += character
+    parts.append(current)
+    patterns = []
+    for part in (part.strip() for part in parts):
+        patterns += [part] if part.startswith("pipe:") else part.split()
+    return [pattern for pattern in patterns if pattern]
+
+
 def expand_shards(pattern: str) -> list[str]:
-    """`dir/{00000..01254}.tar`, comma- or space-separated patterns -> existing tar paths."""
-    shards = [path for part in pattern.replace(",", " ").split() for path in braceexpand(part)]
+    """`dir/{00000..01254}.tar`, `pipe:curl -s https://host/{000..099}.tar`, `https://...`; comma-separated.
+
+    Local shards must exist; remote ones are opened through webdataset's `gopen` when they are read.
+    """
+    shards = [path for part in _split_patterns(pattern) for path in braceexpand(part)]
     if not shards:
         raise DataError(f"data.train_path: no shards in {pattern!r}")
-    missing = [shard for shard in shards if not Path(shard).is_file()]
+    missing = [shard for shard in shards if not is_remote(shard) and not Path(shard).is_file()]
     if missing:
         raise DataError(f"data.train_path: {len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]}")
     return shards
@@ -104,6 +134,8 @@ class Stage1Source:
 
     def count(self) -> int:
         """Number of samples (distinct keys with a caption), read from the tar indexes only."""
+        if any(is_remote(shard) for shard in self.shards):
+            raise DataError("data.samples_per_epoch must be set for remote shards (counting would download them all)")
         total = 0
         for shard in self.shards:
             with tarfile.open(shard) as archive:
@@ -135,34 +167,51 @@ class Stage1Source:
     @staticmethod
     def _read_shard(shard: str, pass_index: int, seed: int, stride: int, offset: int,
                     first: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(position in the shard's permuted order, sample) for the positions this reader keeps, from `first`."""
-        try:
-            archive = tarfile.open(shard)
-        except (OSError, tarfile.TarError) as error:
-            logger.warning("skipping unreadable shard %s: %s", shard, error)
-            return
-        with archive:
-            members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        """(position in the shard's permuted order, sample) for the positions this reader keeps, from `first`.
+
+        A remote shard is first copied through webdataset's `gopen` into a temporary file, so that its
+        samples can be read in any order (and a resume seeks within it) as with a local one.
+        """
+        with contextlib.ExitStack() as stack:
             try:
-                for member in archive:
-                    match = _MEMBER_NAME.match(member.name)
-                    if member.isfile() and match:
-                        members.setdefault(match.group(1), {})[match.group(2).lower()] = member
-            except (OSError, tarfile.TarError) as error:  # a truncated shard: keep what was indexed
-                logger.warning("shard %s is damaged after %d samples: %s", shard, len(members), error)
-            keys = list(members)
-            random.Random(stable_seed(seed, "samples", pass_index, Path(shard).name)).shuffle(keys)
-            for index in range(first, len(keys)):
-                if index % stride != offset:
-                    continue
-                sample: dict[str, Any] = {"__key__": keys[index], "__url__": shard}
-                for extension, member in members[keys[index]].items():
-                    try:
-                        sample[extension] = archive.extractfile(member).read()
-                    except (OSError, tarfile.TarError, AttributeError) as error:
-                        logger.warning("%s sample %s: member %s unreadable (%s)", shard, keys[index],
-                                       member.name, error)
-                yield index, sample
+                if is_remote(shard):
+                    spool = stack.enter_context(tempfile.TemporaryFile(prefix="textbind-shard-"))
+                    with gopen(shard, "rb") as stream:
+                        shutil.copyfileobj(stream, spool)
+                    spool.seek(0)
+                    archive = stack.enter_context(tarfile.open(fileobj=spool))
+                else:
+                    archive = stack.enter_context(tarfile.open(shard))
+            except (OSError, tarfile.TarError, ValueError) as error:
+                logger.warning("skipping unreadable shard %s: %s", shard, error)
+                return
+            yield from Stage1Source._read_archive(archive, shard, pass_index, seed, stride, offset, first)
+
+    @staticmethod
+    def _read_archive(archive: tarfile.TarFile, shard: str, pass_index: int, seed: int, stride: int, offset: int,
+                      first: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position in the shard's permuted order, sample) of an open shard, as `_read_shard` describes."""
+        members: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            for member in archive:
+                match = _MEMBER_NAME.match(member.name)
+                if member.isfile() and match:
+                    members.setdefault(match.group(1), {})[match.group(2).lower()] = member
+        except (OSError, tarfile.TarError) as error:  # a truncated shard: keep what was indexed
+            logger.warning("shard %s is damaged after %d samples: %s", shard, len(members), error)
+        keys = list(members)
+        random.Random(stable_seed(seed, "samples", pass_index, Path(shard).name)).shuffle(keys)
+        for index in range(first, len(keys)):
+            if index % stride != offset:
+                continue
+            sample: dict[str, Any] = {"__key__": keys[index], "__url__": shard}
+            for extension, member in members[keys[index]].items():
+                try:
+                    sample[extension] = archive.extractfile(member).read()
+                except (OSError, tarfile.TarError, AttributeError) as error:
+                    logger.warning("%s sample %s: member %s unreadable (%s)", shard, keys[index],
+                                   member.name, error)
+            yield index, sample
 
     @staticmethod
     def to_conversation(sample: dict[str, Any], seed: int) -> Conversation:
@@ -309,16 +358,16 @@ class TrainStream(IterableDataset):
         """(raw item, cursor after it) from `cursor` on, pass after pass; the source seeks to the cursor."""
         global_worker = self.rank * self.logical_workers + worker
         total_workers = self.world_size * self.logical_workers
-        pass_index, token = cursor["pass"], cursor["token"]
+        pass_index, start = cursor["pass"], cursor["token"]
         while True:
             produced = False
-            for item, token in self.source.raw_items(pass_index, global_worker, total_workers, self.seed, token):
+            for item, token in self.source.raw_items(pass_index, global_worker, total_workers, self.seed, start):
                 produced = True
                 yield item, {"pass": pass_index, "token": token}
-            if not produced and token is None:
+            if not produced and start is None:
                 raise DataError(f"rank {self.rank} worker {worker} got no data: too few samples for "
                                 f"{total_workers} reader(s)")
-            pass_index, token = pass_index + 1, None
+            pass_index, start = pass_index + 1, None
 
     def __iter__(self) -> Iterator[TaggedBatch]:
         info = get_worker_info()

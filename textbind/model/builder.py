@@ -23,13 +23,12 @@ from transformers import (
 )
 
 from textbind import IMAGE_TOKEN, SPECIAL_TOKENS
-from textbind.config import ModelConfig
+from textbind.checkpoint import load_torch_state_dict, load_trained_modules
+from textbind.config import ConfigError, ModelConfig, torch_dtype
+from textbind.model.lora import add_lora
 from textbind.model.mim import MIMModel
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class ModelBundle:
@@ -118,21 +117,10 @@ def load_qformer_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_torch_state_dict(file), None
 
 
-def load_torch_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """A `torch.save`d dict of tensors, refusing any pickled object that is not a tensor."""
-    try:
-        state_dict = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler's errors have many types
-        raise ValueError(f"{file}: not a plain tensor state dict ({error})") from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{file}: expected a dict of tensors")
-    return state_dict
-
-
-def infer_qformer_config(state_dict: dict[str, torch.Tensor], num_heads: int = 0) -> Blip2QFormerConfig:
+def infer_qformer_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> Blip2QFormerConfig:
     """Recover a Q-Former config from its weights (for legacy files that carry no config).
 
-    The head count is not in the weights: 0 means BLIP-2's head size of 64."""
+    The head count is not in the weights: None means BLIP-2's head size of 64."""
     hidden_size = state_dict["qformer.layernorm.weight"].shape[0]
     layer_indices = {int(key.split(".")[3]) for key in state_dict if key.startswith("qformer.encoder.layer.")}
     cross_layers = sorted(
@@ -162,7 +150,7 @@ def resize_embeddings_for_special_tokens(language_model: torch.nn.Module, vocab_
                     embedding.weight[old_size:] = embedding.weight[:old_size].mean(dim=0, keepdim=True)
 
 
-def load_qformer(path: str, num_heads: int = 0) -> tuple[Blip2QFormerModel, torch.Tensor]:
+def load_qformer(path: str, num_heads: int | None = None) -> tuple[Blip2QFormerModel, torch.Tensor]:
     """The Q-Former and its (1, Q, D) query tokens from a `blip2_qformer` file (see load_qformer_weights)."""
     state_dict, qformer_config = load_qformer_weights(path)
     if qformer_config is not None:
@@ -178,6 +166,24 @@ def load_qformer(path: str, num_heads: int = 0) -> tuple[Blip2QFormerModel, torc
     return qformer, state_dict["query_tokens"]
 
 
+def quantization_config(mode: str | None, compute_dtype: torch.dtype, where: str) -> Any:
+    """bitsandbytes settings for `4bit` (NF4, double quantization: QLoRA's) or `8bit`; None when off."""
+    if mode is None:
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}={mode} needs a CUDA GPU (bitsandbytes quantizes on the GPU); this machine has none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"{where}={mode} needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 @dataclass
 class _Parts:
     """The pretrained pieces a MIMModel is assembled from."""
@@ -191,20 +197,24 @@ class _Parts:
     projection: torch.nn.Linear | None = None  # a Blip2 directory's trained `language_projection`
 
 
-def _load_separate_parts(config: ModelConfig, dtype: torch.dtype) -> _Parts:
+def _load_separate_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Parts:
     tokenizer = load_tokenizer(config.language_model)
     image_processor = from_pretrained(AutoImageProcessor, config.processor, "processor")
     vision_model = from_pretrained(Blip2VisionModel, config.vision_model, "vision_model", dtype=dtype)
     qformer, query_tokens = load_qformer(config.qformer, config.qformer_num_heads)
+    quantized = {} if bits is None else {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
     language_model = from_pretrained(
         AutoModelForCausalLM, config.language_model, "language_model",
-        dtype=dtype, attn_implementation=config.attn_implementation,
+        dtype=dtype, attn_implementation=config.attn_implementation, **quantized,
     )
     return _Parts(tokenizer, image_processor, vision_model, qformer, query_tokens, language_model)
 
 
-def _load_blip2_parts(config: ModelConfig, dtype: torch.dtype) -> _Parts:
+def _load_blip2_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Parts:
     """The parts of a transformers `Blip2ForConditionalGeneration` (our export, or any BLIP-2 with a causal LM)."""
+    if bits is not None:
+        raise ConfigError("quantized loading (model.quantize / train.quantize) does not take model.pretrained yet: "
+                          "give the parts' paths instead")
     tokenizer = load_tokenizer(config.pretrained, "pretrained")
     image_processor = from_pretrained(AutoImageProcessor, config.pretrained, "pretrained")
     blip2 = from_pretrained(Blip2ForConditionalGeneration, config.pretrained, "pretrained", dtype=dtype)
@@ -221,21 +231,33 @@ def _load_blip2_parts(config: ModelConfig, dtype: torch.dtype) -> _Parts:
         )
     language_model = blip2.language_model
     language_model.set_attn_implementation(config.attn_implementation)
-    if config.num_query_tokens != blip2.config.num_query_tokens:
-        logger.info("model.pretrained has %d query tokens; model.num_query_tokens=%d is not used",
-                    blip2.config.num_query_tokens, config.num_query_tokens)
     return _Parts(
         tokenizer, image_processor, blip2.vision_model, blip2.qformer, blip2.query_tokens.data, language_model,
         projection=blip2.language_projection,
     )
 
 
-def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBundle:
-    """Assemble the model from `config` (one Blip2 directory, or the separate parts), load trained modules,
-    choose what trains. Paths may be local or hub ids (see `from_pretrained`)."""
-    dtype = DTYPES[config.dtype]
-    parts = _load_blip2_parts(config, dtype) if config.pretrained else _load_separate_parts(config, dtype)
-    tokenizer, language_model = parts.tokenizer, parts.language_model
+def build_model(config: ModelConfig, *, load_checkpoint: bool = True, lora: Any = None,
+                quantize: str | None = None) -> ModelBundle:
+    """Assemble the model from `config` (one Blip2 directory, or the separate parts; local paths or hub ids),
+    load trained modules, choose what trains.
+
+    `lora` (a `textbind.config.LoraConfig`, enabled) adds adapters to the language model, which then
+    trains through them only; `quantize` (or `config.quantize`) loads the language model in 4 or 8 bits.
+    """
+    dtype = torch_dtype(config.dtype)
+    quantize = quantize or config.quantize
+    where = "train.quantize" if quantize and quantize != config.quantize else "model.quantize"
+    bits = quantization_config(quantize, dtype, where)
+    load_parts = _load_blip2_parts if config.pretrained else _load_separate_parts
+    parts = load_parts(config, dtype, bits)
+    tokenizer, language_model, query_tokens = parts.tokenizer, parts.language_model, parts.query_tokens
+    source = config.pretrained or config.qformer
+    if config.num_query_tokens is not None and config.num_query_tokens != query_tokens.shape[1]:
+        raise ConfigError(
+            f"model.num_query_tokens is {config.num_query_tokens} but {source} holds "
+            f"{query_tokens.shape[1]} query tokens: fix the config or leave the key unset (null)"
+        )
     if config.template == "chat_template" and not tokenizer.chat_template:
         raise ValueError("model.template=chat_template: the language model's tokenizer has no chat template")
     # Every ConversationEncoder built on this tokenizer (training, validation, generation) reads the markup here
@@ -245,19 +267,29 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
     model = MIMModel(
         vision_model=parts.vision_model,
         qformer=parts.qformer,
-        query_tokens=parts.query_tokens,
+        query_tokens=query_tokens,
         language_model=language_model,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     if parts.projection is not None:
         model.qformer_projection.load_state_dict(parts.projection.state_dict())
-    # One dtype for every part: a Blip2 directory loads its Q-Former in float32 (`_keep_in_fp32_modules`).
-    model = model.to(dtype)
+    if bits is None:
+        # One dtype for every part: a Blip2 directory loads its Q-Former in float32 (`_keep_in_fp32_modules`).
+        model.to(dtype)
+    else:  # quantized weights keep their storage; the other parts go to the dtype and the LLM's device
+        for part in (model.vision_model, model.qformer, model.qformer_projection):
+            part.to(device=language_model.device, dtype=dtype)
+        model.query_tokens.data = model.query_tokens.data.to(device=language_model.device, dtype=dtype)
     if load_checkpoint and config.checkpoint:
-        from textbind.checkpoint import load_trained_modules
-
         load_trained_modules(model, config.checkpoint)
     model.set_trainable(config.trainable)
+    if lora is not None and lora.enabled:
+        if bits is not None:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(language_model, use_gradient_checkpointing=config.gradient_checkpointing)
+        adapted = add_lora(language_model, lora)
+        logger.info("LoRA rank %d on %d layers of the language model", lora.rank, len(adapted))
     if config.gradient_checkpointing:
         # transformers renamed the switch (5.2x); prefer the new name where it exists.
         if hasattr(language_model, "activation_checkpointing_enable"):

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from textbind import IGNORE_INDEX
 from textbind.config import MODULE_NAMES
-
-IGNORE_INDEX = -100
 
 
 def query_image(qformer: nn.Module, query_tokens: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,11 @@
   the image's colours (as a set, whatever the grammar) -- it rises long before whole captions are right.
 - `drawing_accuracy`: share of held-out drawing / edit requests whose emitted caption parses and
   describes exactly the expected scene.
+
+The evaluation is the harness's `toy` benchmark (`textbind.toy.benchmark`): its predictions, report.json
+and report.html go to the directory named like the output file without its suffix (`runs/quickstart/eval/`),
+and this command writes the same numbers, in the fields above, to `--out`. Each run starts afresh (the
+weights behind a checkpoint path change between runs).
 """
 
 from __future__ import annotations
@@ -16,71 +21,50 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from textbind.config import load_config
-from textbind.data.conversation import Conversation, Turn, parse_record
+from textbind.eval.harness import run_benchmark
+from textbind.eval.report import write_html_report
 from textbind.generation import GenerationConfig, InterleavedGenerator
-from textbind.model.builder import build_model
-from textbind.toy.renderer import ToyRenderer
-from textbind.toy.world import COLOURS, parse_caption, scene_attributes_match
+from textbind.runtime import DecoderKind, GeneratorSetup, build_generator
+from textbind.toy.benchmark import DESCRIBE_PROMPT, MAX_IMAGES, MAX_NEW_TOKENS, ToyBenchmark
 
 logger = logging.getLogger(__name__)
 
-DESCRIBE_PROMPT = "Describe this image. <image>"
+__all__ = ["DESCRIBE_PROMPT", "evaluate", "main"]
 
 
-def evaluate(generator: InterleavedGenerator, eval_dir: Path, limit: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Both held-out sets; per-kind counts and a few failures for inspection."""
-    config = GenerationConfig(max_new_tokens=96, do_sample=False, max_images=2)
-    describe_items = json.loads((eval_dir / "describe.json").read_text())
-    draw_items = json.loads((eval_dir / "draw.json").read_text())
-    if limit:
-        describe_items, draw_items = describe_items[:limit], draw_items[:limit]
+def evaluate(
+    generator: InterleavedGenerator, eval_dir: Path, limit: int = 0, progress: bool = True,
+    output_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Both held-out sets through the harness; per-kind numbers and a few failures for inspection.
 
-    described, colours_right, describe_failures = 0, 0, []
-    for index, item in enumerate(tqdm(describe_items, desc="eval describe", disable=not progress)):
-        expected = parse_caption(item["scene"])
-        conversation = Conversation([Turn("user", DESCRIBE_PROMPT, [str(eval_dir / item["image"])])],
-                                    source=f"describe.json item {index}")
-        answer = generator.generate_turn(conversation, config).content
-        named = {word.strip(".,;:!?").lower() for word in answer.split()} & set(COLOURS)
-        colours_right += expected is not None and named == {obj.colour for obj in expected.objects}
-        if expected is not None and scene_attributes_match(expected, answer):
-            described += 1
-        elif len(describe_failures) < 10:
-            describe_failures.append({"expected": item["scene"], "answer": answer})
-
-    drawn, draw_failures, kinds = 0, [], Counter()
-    for index, item in enumerate(tqdm(draw_items, desc="eval draw", disable=not progress)):
-        conversation = parse_record(item, f"draw.json item {index}", str(eval_dir / "images"))
-        conversation.image_dir = str(eval_dir / "images")  # the file's image_dir may be relative to elsewhere
-        turn = generator.generate_turn(conversation, config)
-        emitted = turn.caption_list[0] if turn.caption_list else ""
-        expected = parse_caption(item["expected_caption"])
-        kind = "edit" if len(conversation.turns) > 1 else "draw"
-        kinds[kind] += 1
-        if expected is not None and parse_caption(emitted) == expected:
-            drawn += 1
-            kinds[f"{kind}_correct"] += 1
-        elif len(draw_failures) < 10:
-            draw_failures.append({"request": conversation.turns[-1].content, "expected": item["expected_caption"],
-                                  "emitted": emitted, "answer": turn.content})
+    The harness's files go to `output_dir` (a temporary directory when None).
+    """
+    config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, max_images=MAX_IMAGES)
+    benchmark = ToyBenchmark(str(eval_dir), limit_per_set=limit)
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(output_dir) if output_dir is not None else Path(scratch)
+        report = run_benchmark(generator, benchmark, directory, config, restart=True, progress=progress)
+        if output_dir is not None:
+            write_html_report(directory, [benchmark.name])
+    metrics, details = report["metrics"], report["details"]
     return {
-        "caption_attribute_accuracy": described / max(1, len(describe_items)),
-        "describe_colour_accuracy": colours_right / max(1, len(describe_items)),
-        "drawing_accuracy": drawn / max(1, len(draw_items)),
-        "num_eval_examples": {"describe": len(describe_items), "draw": len(draw_items)},
-        "drawing_by_kind": {kind: kinds[f"{kind}_correct"] / kinds[kind] for kind in ("draw", "edit") if kinds[kind]},
-        "describe_failures": describe_failures,
-        "draw_failures": draw_failures,
+        "caption_attribute_accuracy": metrics["caption_attribute_accuracy"]["value"],
+        "describe_colour_accuracy": metrics["describe_colour_accuracy"]["value"],
+        "drawing_accuracy": metrics["drawing_accuracy"]["value"],
+        "num_eval_examples": details["num_eval_examples"],
+        "drawing_by_kind": details["drawing_by_kind"],
+        "describe_failures": details["describe_failures"],
+        "draw_failures": details["draw_failures"],
     }
 
 
@@ -99,11 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, args.overrides)
     started = time.perf_counter()
-    bundle = build_model(replace(config.model, checkpoint=args.checkpoint))
-    bundle.model.eval()
+    setup = GeneratorSetup(model=replace(config.model, checkpoint=args.checkpoint), device="cpu",
+                           image_decoder=DecoderKind.TOY)
+    generator = build_generator(setup)
     torch.set_grad_enabled(False)
-    generator = InterleavedGenerator.from_bundle(bundle, ToyRenderer())
-    result = evaluate(generator, Path(args.eval_dir), args.limit)
+    out = Path(args.out)
+    result = evaluate(generator, Path(args.eval_dir), args.limit, output_dir=out.with_suffix(""))
     result["eval_seconds"] = time.perf_counter() - started
     if args.train_seconds is not None:
         result["train_seconds"] = args.train_seconds
@@ -111,7 +96,6 @@ def main(argv: list[str] | None = None) -> None:
         result["pretrain_seconds"] = args.pretrain_seconds
         if args.train_seconds is not None:
             result["total_train_seconds"] = round(args.pretrain_seconds + args.train_seconds, 1)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     summary = {k: v for k, v in result.items() if not k.endswith("failures")}

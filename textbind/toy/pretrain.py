@@ -114,7 +114,7 @@ def pretrain_vision(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain ``model_dir``'s vision encoder + Q-Former in place; return (and save) a report."""
-    from textbind.train import cosine_schedule  # heavy import (DeepSpeed), only when training
+    from textbind.optim import cosine_schedule
 
     model_dir = Path(model_dir)
     vision_dir, qformer_file = model_dir / "blip2_vision_model", model_dir / "blip2_qformer.safetensors"
