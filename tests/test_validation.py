@@ -71,3 +71,30 @@ def test_invalid_json_names_the_file(tmp_path):
     path.write_text("[{")
     with pytest.raises(DataError, match="broken.json: not valid JSON"):
         load_conversations(path)
+
+
+def test_stage2_records_from_jsonl_parquet_and_other_formats(image_dir, tmp_path):
+    """JSONL and parquet files, LLaVA-Instruct and Alpaca records: all read as validated stage-2 conversations."""
+    import datasets
+
+    from textbind.data.conversation import load_conversations
+
+    ours = {"conversation": [{"role": "user", "content": "What is this? <image>", "image_list": ["0.png"]},
+                             {"role": "assistant", "content": "A red block."}]}
+    llava = {"id": "7", "image": "1.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Green."}]}
+    alpaca = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("\n".join(json.dumps(record) for record in (ours, llava, alpaca)) + "\n")
+    loaded = load_conversations(jsonl, image_dir=str(image_dir), on_bad_record="error")
+    assert [len(c.turns) for c in loaded.conversations] == [2, 2, 2] and not loaded.errors
+    assert loaded.conversations[1].turns[0].image_list == ["1.png"]
+    assert loaded.conversations[2].turns[1].content == "Blue."
+    parquet = tmp_path / "ours.parquet"
+    datasets.Dataset.from_list([ours, ours]).to_parquet(str(parquet))
+    from_parquet = load_conversations(parquet, image_dir=str(image_dir), on_bad_record="error")
+    assert [turn.content for turn in from_parquet.conversations[0].turns] == ["What is this? <image>", "A red block."]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ours) + "\n{not json\n")
+    with pytest.raises(DataError, match="bad.jsonl line 2"):
+        load_conversations(bad)

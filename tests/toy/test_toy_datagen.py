@@ -14,7 +14,7 @@ import webdataset
 from PIL import Image
 
 from textbind import IMAGE_TOKEN
-from textbind.toy import datagen
+from textbind.toy import dialogue
 from textbind.toy.datagen import (
     EVAL_STREAM,
     STAGE1_STREAM,
@@ -231,7 +231,7 @@ def test_question_answers_are_true(seed: int) -> None:
     checked = 0
     for _ in range(400):
         scene = random_scene(rng)
-        question, answer = datagen._random_question(rng, scene)
+        question, answer = dialogue.random_question(rng, scene)
         match = re.match(
             r"(?:What colour is|Which colour does|What is the colour of|What shape is|What kind of shape is"
             r"|Is|How big is|What size is|Where is) (?P<ref>it|the [a-z ]+?)"
@@ -276,7 +276,7 @@ def test_edits_change_the_scene_as_asked(seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(300):
         scene = random_scene(rng)
-        instruction, edited = datagen._random_edit(rng, scene)
+        instruction, edited = dialogue.random_edit(rng, scene)
         assert edited != scene, instruction
         named_values = set(re.findall(r"[a-z]+", instruction))
         if instruction.startswith(("make", "colour", "paint", "change", "turn")):

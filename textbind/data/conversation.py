@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -158,20 +157,22 @@ def load_conversations(
     check_files: bool = True,
     check_images: bool = False,
 ) -> LoadResult:
-    """Read and validate a stage-2 JSON file; bad records are skipped and reported, or raise if "error"."""
+    """Read and validate stage-2 records; bad records are skipped and reported, or raise if "error".
+
+    `path` is a JSON list or JSONL file, a parquet file or a Hugging Face dataset id (`name[:split]`);
+    records may also be LLaVA-Instruct or Alpaca-style, converted on the fly (`textbind.data.formats`).
+    """
+    from textbind.data.formats import read_records, to_stage2_record
+
     file = Path(path)
-    if not file.is_file():
+    if not file.is_file() and (file.suffix in (".json", ".jsonl", ".parquet") or str(path).startswith((".", "/"))):
         raise DataError(f"{file}: no such file")
-    try:
-        records = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{file}: not valid JSON ({error})") from error
-    if not isinstance(records, list):
-        raise DataError(f"{file}: expected a JSON list of records")
+    records = read_records(path)
     conversations, errors = [], []
     for index, record in enumerate(records):
         try:
-            conversation = parse_record(record, f"{file} record {index}", image_dir)
+            source = f"{file} record {index}"
+            conversation = parse_record(to_stage2_record(record, source), source, image_dir)
             validate_conversation(conversation, check_files=check_files)
             if check_images:
                 for turn in conversation.turns:

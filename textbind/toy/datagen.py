@@ -1,16 +1,19 @@
-"""Synthetic data of the toy shapes world: stage-1 webdataset shards, stage-2 conversations, eval sets.
+"""Synthetic data of the toy shapes world: stage-1 shards, image-caption pairs, stage-2 conversations, eval sets.
 
 Everything is a pure function of ``seed``. Each writer draws from its own random stream
-(``stream_rng(seed, name)``), so stage 1, stage 2 and the held-out evaluation sets never share a
-sequence of scenes, even for neighbouring seeds.
+(``stream_rng(seed, name)``), so stage 1, the data engine's pairs, the synthetic stage 2 and the
+held-out evaluation sets never share a sequence of scenes, even for neighbouring seeds.
 
 Command line::
 
-    python -m textbind.toy.datagen --out data/toy --seed 0 \\
-        --stage1-samples 20000 --stage2-conversations 5000 --eval-describe 200 --eval-draw 200
+    python -m textbind.toy.datagen --out data/toy --seed 0 --stage1-samples 20000 \\
+        --pairs 6000 --stage2-conversations 0 --eval-describe 200 --eval-draw 200
 
-writes ``data/toy/stage1/{00000..}.tar``, ``data/toy/stage2/train.json`` with
-``data/toy/stage2/images/`` and ``data/toy/eval/{describe,draw}.json`` with ``data/toy/eval/images/``.
+writes ``data/toy/stage1/{00000..}.tar``, ``data/toy/pairs/pairs.jsonl`` with ``data/toy/pairs/images/``
+(the data engine's input: ``scripts/quickstart.sh`` makes stage 2 from them with the toy LLM server),
+``data/toy/stage2/train.json`` with ``data/toy/stage2/images/`` when ``--stage2-conversations`` is
+above 0 (conversations written directly, without the engine) and ``data/toy/eval/{describe,draw}.json``
+with ``data/toy/eval/images/``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,12 @@ import webdataset
 from PIL import Image
 from tqdm import tqdm
 
-from textbind import IMAGE_TOKEN
+from textbind.toy import dialogue
+from textbind.toy.dialogue import Conversation
 from textbind.toy.world import (
     COLOURS,
-    LAYOUT_POSITIONS,
     SHAPES,
     SIZES,
-    Layout,
     Scene,
     ShapeObject,
     caption,
@@ -50,14 +52,8 @@ Record = dict[str, Any]
 STAGE1_STREAM = "stage1"
 STAGE2_STREAM = "stage2"
 EVAL_STREAM = "eval"
+PAIRS_STREAM = "pairs"
 IMAGE_EXTENSIONS = ("png", "jpg")
-_LAYOUT_OF_POSITION: dict[str, Layout] = {
-    "left": "horizontal",
-    "right": "horizontal",
-    "top": "vertical",
-    "bottom": "vertical",
-}
-_PLURAL_SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
 
 def stream_rng(seed: int, stream: str) -> random.Random:
@@ -146,358 +142,53 @@ def write_stage1_shards(
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversation building blocks
-
-
-def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:]
+# Stage-2 conversations: the shared exchanges of textbind.toy.dialogue about invented scenes
 
 
 class _ImageStore:
-    """Draws scenes into ``image_dir`` as numbered PNG files."""
+    """Draws scenes into ``image_dir`` as numbered PNG files (without a directory: draws only)."""
 
-    def __init__(self, image_dir: Path, image_size: int, prefix: str = "") -> None:
+    def __init__(self, image_dir: Path | None, image_size: int, prefix: str = "") -> None:
         self.image_dir = image_dir
         self.image_size = image_size
         self.prefix = prefix
         self.count = 0
-        image_dir.mkdir(parents=True, exist_ok=True)
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
 
     def save(self, scene: Scene, rng: random.Random) -> str:
         name = f"{self.prefix}{self.count:06d}.png"
         self.count += 1
-        draw_scene(scene, image_size=self.image_size, rng=rng).save(self.image_dir / name, format="PNG")
+        # Drawing jitters the shapes from ``rng``: it runs even when nothing is saved, so the stream stays the same.
+        image = draw_scene(scene, image_size=self.image_size, rng=rng)
+        if self.image_dir is not None:
+            image.save(self.image_dir / name, format="PNG")
         return name
 
 
-class _Conversation:
-    """Accumulates the turns of one stage-2 record and remembers the latest image's scene."""
+def _stage2_conversation(rng: random.Random, images: _ImageStore) -> tuple[Conversation, list[Turn]]:
+    """A conversation whose turns are stage-2 turns, their images drawn into ``images``."""
+    turns: list[Turn] = []
 
-    def __init__(self, rng: random.Random, images: _ImageStore) -> None:
-        self.rng = rng
-        self.images = images
-        self.turns: list[Turn] = []
-        self.latest_scene: Scene | None = None
-        self.latest_is_drawn = False  # whether the latest image was drawn by the assistant
-
-    def add(self, role: str, content: str, scenes: Sequence[Scene] = ()) -> None:
-        if content.count(IMAGE_TOKEN) != len(scenes):
-            raise AssertionError(f"{content!r} has {content.count(IMAGE_TOKEN)} markers for {len(scenes)} images")
-        self.turns.append(
+    def write(role: str, content: str, scenes: Sequence[Scene]) -> None:
+        turns.append(
             {
                 "role": role,
                 "content": content,
-                "image_list": [self.images.save(scene, self.rng) for scene in scenes],
+                "image_list": [images.save(scene, rng) for scene in scenes],
                 "caption_list": [caption(scene) for scene in scenes],
             }
         )
-        if scenes:
-            self.latest_scene = scenes[-1]
-            self.latest_is_drawn = role == "assistant"
 
-    def user(self, content: str, scenes: Sequence[Scene] = ()) -> None:
-        self.add("user", content, scenes)
-
-    def assistant(self, content: str, scenes: Sequence[Scene] = ()) -> None:
-        self.add("assistant", content, scenes)
+    return Conversation(rng, write), turns
 
 
-def _with_images(rng: random.Random, text: str, count: int) -> str:
-    """``text`` with ``count`` image markers before or after it."""
-    if count == 1:
-        return rng.choice([f"{text} {IMAGE_TOKEN}", f"{IMAGE_TOKEN} {text}", f"{IMAGE_TOKEN}\n{text}"])
-    markers = " ".join([IMAGE_TOKEN] * count)
-    numbered = " ".join(f"Image {index + 1}: {IMAGE_TOKEN}" for index in range(count))
-    return rng.choice([f"{text} {markers}", f"{markers} {text}", f"{numbered}\n{text}"])
+def _describe_segment(conversation: Conversation) -> None:
+    dialogue.describe_turns(conversation, random_scene(conversation.rng))
 
 
-def _reference(scene: Scene, index: int, rng: random.Random, exclude: Iterable[str] = ()) -> str | None:
-    """A noun phrase that picks out object ``index`` of ``scene`` without the attributes in ``exclude``.
-
-    Attributes are "colour", "shape", "size" and "position". Returns ``None`` when no phrase is
-    unique (two identical objects and the position excluded).
-    """
-    excluded = set(exclude)
-    item = scene.objects[index]
-    if scene.layout == "single":
-        candidates = ["it", "the shape"]
-        if "shape" not in excluded:
-            candidates.append(f"the {item.shape}")
-        if "colour" not in excluded and "shape" not in excluded:
-            candidates.append(f"the {item.colour} {item.shape}")
-        return rng.choice(candidates)
-    other = scene.objects[1 - index]
-    position = scene.positions[index]
-    options: list[tuple[set[str], bool, list[str]]] = [
-        ({"shape"}, item.shape != other.shape, [f"the {item.shape}"]),
-        ({"colour"}, item.colour != other.colour, [f"the {item.colour} one", f"the {item.colour} shape"]),
-        ({"size"}, item.size != other.size, [f"the {item.size} one", f"the {item.size} shape"]),
-        (
-            {"colour", "shape"},
-            (item.colour, item.shape) != (other.colour, other.shape),
-            [f"the {item.colour} {item.shape}"],
-        ),
-        (
-            {"size", "shape"},
-            (item.size, item.shape) != (other.size, other.shape),
-            [f"the {item.size} {item.shape}"],
-        ),
-        ({"position"}, True, [f"the shape on the {position}", f"the one on the {position}"]),
-    ]
-    candidates = [phrase for used, unique, phrases in options if unique and not used & excluded for phrase in phrases]
-    return rng.choice(candidates) if candidates else None
-
-
-def _describe_answer(rng: random.Random, scene: Scene) -> str:
-    text = caption(scene)
-    template = rng.choice(["{caption}.", "The image shows {caption}.", "I see {caption}.", "There is {caption}."])
-    return _sentence(template.format(caption=text))
-
-
-def _random_question(rng: random.Random, scene: Scene) -> tuple[str, str]:
-    """A question about one image of ``scene`` and its correct answer."""
-    kinds = ["colour", "shape", "size", "count", "exists", "is_colour"]
-    if scene.layout != "single":
-        kinds += ["position", "position"]
-    while True:
-        kind = rng.choice(kinds)
-        index = rng.randrange(len(scene.objects))
-        item = scene.objects[index]
-        exclude = {"colour": {"colour"}, "is_colour": {"colour"}, "shape": {"shape"}, "size": {"size"}}
-        reference = _reference(scene, index, rng, exclude.get(kind, {"position"}))
-        if reference is None:
-            continue
-        if kind == "colour":
-            question = rng.choice(
-                ["What colour is {ref}?", "Which colour does {ref} have?", "What is the colour of {ref}?"]
-            )
-            answer = rng.choice(["It is {value}.", "It's {value}.", "{Value}."])
-            value = item.colour
-        elif kind == "shape":
-            question = rng.choice(["What shape is {ref}?", "What kind of shape is {ref}?"])
-            answer = rng.choice(["It is a {value}.", "It's a {value}.", "A {value}."])
-            value = item.shape
-        elif kind == "size":
-            question = rng.choice(["Is {ref} small or large?", "How big is {ref}?", "What size is {ref}?"])
-            answer = rng.choice(["It is {value}.", "It's {value}.", "{Value}."])
-            value = item.size
-        elif kind == "position":
-            question = rng.choice(["Where is {ref}?", "Where is {ref} placed?"])
-            answer = rng.choice(["It is on the {value}.", "On the {value}."])
-            value = scene.positions[index] or ""
-        elif kind == "count":
-            question = rng.choice(["How many shapes are there?", "How many shapes are in the image?"])
-            answer = "There is one shape." if scene.layout == "single" else "There are two shapes."
-            return question, answer
-        elif kind == "exists":
-            asked = item if rng.random() < 0.5 else random_object(rng)
-            present = [obj for obj in scene.objects if (obj.colour, obj.shape) == (asked.colour, asked.shape)]
-            question = rng.choice(["Is there a {colour} {shape}?", "Is there a {colour} {shape} in the image?"])
-            question = question.format(colour=asked.colour, shape=asked.shape)
-            if len(present) == 2:
-                answer = f"Yes, there are two {asked.colour} {_PLURAL_SHAPES[asked.shape]}."
-            elif present:
-                answer = f"Yes, there is {present[0].phrase()}."
-            else:
-                answer = f"No, there is no {asked.colour} {asked.shape}."
-            return question, answer
-        else:  # is_colour: a yes/no question, true half of the time
-            asked_colour = item.colour if rng.random() < 0.5 else rng.choice(list(COLOURS))
-            question = f"Is {{ref}} {asked_colour}?"
-            answer = "Yes, it is." if asked_colour == item.colour else "No, it is {value}."
-            value = item.colour
-        question = _sentence(question.format(ref=reference))
-        return question, answer.format(value=value, Value=_sentence(value))
-
-
-# ---------------------------------------------------------------------------------------------
-# Edits
-
-
-def _random_edit(rng: random.Random, scene: Scene) -> tuple[str, Scene]:
-    """An imperative edit instruction (lower case, no full stop) and the scene it produces."""
-    kinds = ["colour", "colour", "size", "shape"]
-    kinds += ["add"] if scene.layout == "single" else ["swap", "layout", "remove"]
-    while True:
-        kind = rng.choice(kinds)
-        index = rng.randrange(len(scene.objects))
-        item = scene.objects[index]
-        reference = _reference(scene, index, rng)
-        assert reference is not None  # the position is never excluded here
-        objects = list(scene.objects)
-        if kind == "colour":
-            value = rng.choice([colour for colour in COLOURS if colour != item.colour])
-            objects[index] = ShapeObject(colour=value, shape=item.shape, size=item.size)
-            template = rng.choice(
-                [
-                    "make {ref} {value}",
-                    "colour {ref} {value}",
-                    "paint {ref} {value}",
-                    "change {ref} to {value}",
-                ]
-            )
-        elif kind == "size":
-            value = "large" if item.size == "small" else "small"
-            objects[index] = ShapeObject(colour=item.colour, shape=item.shape, size=value)
-            comparative = "bigger" if value == "large" else "smaller"
-            template = rng.choice(["make {ref} {value}", f"make {{ref}} {comparative}"])
-        elif kind == "shape":
-            value = rng.choice([shape for shape in SHAPES if shape != item.shape])
-            objects[index] = ShapeObject(colour=item.colour, shape=value, size=item.size)
-            template = rng.choice(
-                ["turn {ref} into a {value}", "make {ref} a {value} instead", "change {ref} into a {value}"]
-            )
-        elif kind == "add":
-            added = random_object(rng)
-            position = rng.choice(list(_LAYOUT_OF_POSITION))
-            layout = _LAYOUT_OF_POSITION[position]
-            ordered = [added, item] if LAYOUT_POSITIONS[layout][0] == position else [item, added]
-            instruction = rng.choice(
-                [
-                    f"add {{value}} on the {position}",
-                    f"also draw {{value}} on the {position}",
-                    f"put {{value}} on the {position}",
-                ]
-            ).format(value=added.phrase())
-            return instruction, Scene(objects=tuple(ordered), layout=layout)
-        elif kind == "swap":
-            if scene.objects[0] == scene.objects[1]:
-                continue
-            new_position = scene.positions[1 - index]
-            instruction = rng.choice(
-                ["swap the two shapes", "swap their positions", f"move {reference} to the {new_position}"]
-            )
-            return instruction, Scene(objects=tuple(reversed(objects)), layout=scene.layout)
-        elif kind == "layout":
-            first_position = scene.positions[index]
-            layout: Layout
-            if scene.layout == "horizontal":
-                layout, instruction = (
-                    "vertical",
-                    rng.choice(
-                        [
-                            f"stack them vertically, with the {first_position} one on top",
-                            f"put the {first_position} one on the top and the other one on the bottom",
-                        ]
-                    ),
-                )
-            else:
-                layout, instruction = (
-                    "horizontal",
-                    rng.choice(
-                        [
-                            f"put them side by side, with the {first_position} one on the left",
-                            f"put the {first_position} one on the left and the other one on the right",
-                        ]
-                    ),
-                )
-            ordered = objects if index == 0 else list(reversed(objects))
-            return instruction, Scene(objects=tuple(ordered), layout=layout)
-        else:  # remove
-            kept = scene.objects[1 - index]
-            kept_reference = _reference(scene, 1 - index, rng)
-            instruction = rng.choice(
-                [
-                    f"remove {reference}",
-                    f"take away {reference}",
-                    f"delete {reference}",
-                    f"keep only {kept_reference}",
-                ]
-            )
-            return instruction, Scene(objects=(kept,), layout="single")
-        return template.format(ref=reference, value=value), Scene(objects=tuple(objects), layout=scene.layout)
-
-
-def _edit_request(rng: random.Random, instruction: str, latest_is_drawn: bool) -> str:
-    """The user's edit request: plain after a drawn image, "draw this again" after a user image."""
-    if latest_is_drawn:
-        template = rng.choice(
-            [
-                "{Instruction}.",
-                "Now {instruction}.",
-                "Can you {instruction}?",
-                "Please {instruction}.",
-                "Great. Now {instruction}.",
-            ]
-        )
-    else:
-        template = rng.choice(
-            [
-                "Draw this again, but {instruction}.",
-                "Redraw this image and {instruction}.",
-                "Can you draw it again but {instruction}?",
-            ]
-        )
-    return template.format(instruction=instruction, Instruction=_sentence(instruction))
-
-
-def _draw_request(rng: random.Random, scene: Scene) -> str:
-    template = rng.choice(
-        [
-            "Draw {caption}.",
-            "Can you draw {caption}?",
-            "Please draw {caption}.",
-            "Show me {caption}.",
-            "Generate an image of {caption}.",
-            "I would like a picture of {caption}.",
-            "Make a picture of {caption}.",
-            "Paint {caption}.",
-        ]
-    )
-    return template.format(caption=caption(scene))
-
-
-def _image_answer(rng: random.Random, scene: Scene, edited: bool) -> str:
-    if edited:
-        choices = [
-            "Here it is: {image}",
-            "Done: {image}",
-            "Sure! {image}",
-            "Here is the new picture: {image}",
-            "OK, I changed it. {image}",
-        ]
-    else:
-        choices = [
-            "Here it is: {image}",
-            "Sure! {image}",
-            "Here is {caption}: {image}",
-            "{image}",
-            "Of course. {image}",
-        ]
-    return _sentence(rng.choice(choices).format(image=IMAGE_TOKEN, caption=caption(scene)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversation segments: each appends whole (user, assistant) pairs
-
-
-def _describe_segment(conversation: _Conversation) -> None:
-    rng = conversation.rng
-    scene = random_scene(rng)
-    prompt = rng.choice(
-        [
-            "Describe this image.",
-            "What is in this picture?",
-            "What do you see?",
-            "Can you describe the image?",
-            "Caption this image.",
-            "What does this image show?",
-        ]
-    )
-    conversation.user(_with_images(rng, prompt, 1), [scene])
-    conversation.assistant(_describe_answer(rng, scene))
-
-
-def _question_segment(conversation: _Conversation) -> None:
-    rng = conversation.rng
-    scene = random_scene(rng)
-    for question_index in range(rng.choice([1, 1, 2, 3])):
-        question, answer = _random_question(rng, scene)
-        if question_index == 0:
-            conversation.user(_with_images(rng, question, 1), [scene])
-        else:
-            conversation.user(question)
-        conversation.assistant(answer)
+def _question_segment(conversation: Conversation) -> None:
+    dialogue.question_turns(conversation, random_scene(conversation.rng))
 
 
 def _comparison_pair(rng: random.Random, kind: str) -> tuple[Scene, Scene]:
@@ -517,77 +208,30 @@ def _comparison_pair(rng: random.Random, kind: str) -> tuple[Scene, Scene]:
     return first, Scene(objects=(second_object,), layout="single")
 
 
-def _comparison_answer(rng: random.Random, kind: str, first: Scene, second: Scene) -> tuple[str, str]:
-    if kind == "describe_both":
-        question = rng.choice(["Describe these two images.", "What is in each image?", "What do these images show?"])
-        return question, f"The first image shows {caption(first)} and the second shows {caption(second)}."
-    if kind == "larger":
-        question = rng.choice(["Which image shows the larger shape?", "In which image is the shape bigger?"])
-        if first.objects[0].size == second.objects[0].size:
-            return question, f"Neither, both shapes are {first.objects[0].size}."
-        answer = "first" if first.objects[0].size == "large" else "second"
-        return question, rng.choice([f"The {answer} one.", f"The {answer} image."])
-    attribute = kind.removeprefix("same_")
-    question = {
-        "shape": ["Do these two images show the same shape?", "Is the shape in both images the same?"],
-        "colour": [
-            "Are the shapes in these images the same colour?",
-            "Do the two shapes have the same colour?",
-        ],
-        "size": ["Are the two shapes the same size?", "Do the shapes in these images have the same size?"],
-    }[attribute]
-    first_value, second_value = getattr(first.objects[0], attribute), getattr(second.objects[0], attribute)
-    if attribute == "shape":
-        both = _PLURAL_SHAPES[first_value]
-        first_value, second_value = f"a {first_value}", f"a {second_value}"
-    else:
-        both = first_value
-    if first_value == second_value:
-        return rng.choice(question), f"Yes, both are {both}."
-    return rng.choice(question), f"No, the first is {first_value} and the second is {second_value}."
-
-
-def _comparison_segment(conversation: _Conversation) -> None:
+def _comparison_segment(conversation: Conversation) -> None:
     rng = conversation.rng
-    kinds = ["same_shape", "same_colour", "same_size", "larger", "describe_both"]
-    first_kind = rng.choice(kinds)
+    first_kind = rng.choice(dialogue.COMPARISON_KINDS)
     first, second = _comparison_pair(rng, first_kind)
-    asked = [first_kind]
-    if first.layout == "single" and second.layout == "single" and rng.random() < 0.4:
-        asked.append(rng.choice([kind for kind in kinds if kind != first_kind]))
-    for question_index, kind in enumerate(asked):
-        question, answer = _comparison_answer(rng, kind, first, second)
-        if question_index == 0:
-            conversation.user(_with_images(rng, question, 2), [first, second])
-        else:
-            conversation.user(rng.choice(["And ", "Also, "]) + question[0].lower() + question[1:])
-        conversation.assistant(answer)
+    dialogue.comparison_turns(conversation, first_kind, first, second)
 
 
-def _edit_pair(conversation: _Conversation) -> None:
+def _edit_pair(conversation: Conversation) -> None:
     """One edit of the latest image: the user asks for it, the assistant draws the edited scene."""
-    rng = conversation.rng
     assert conversation.latest_scene is not None
-    instruction, edited = _random_edit(rng, conversation.latest_scene)
-    conversation.user(_edit_request(rng, instruction, conversation.latest_is_drawn))
-    conversation.assistant(_image_answer(rng, edited, edited=True), [edited])
+    instruction, edited = dialogue.random_edit(conversation.rng, conversation.latest_scene)
+    dialogue.edit_turns(conversation, instruction, edited)
 
 
-def _draw_segment(conversation: _Conversation) -> None:
+def _draw_segment(conversation: Conversation) -> None:
     rng = conversation.rng
-    scene = random_scene(rng)
-    conversation.user(_draw_request(rng, scene))
-    conversation.assistant(_image_answer(rng, scene, edited=False), [scene])
+    dialogue.draw_turns(conversation, random_scene(rng))
     for _ in range(rng.choices([0, 1, 2, 3], weights=[3, 3.5, 2, 1.5])[0]):
         _edit_pair(conversation)
     if rng.random() < 0.2:  # ask about what was just drawn
-        assert conversation.latest_scene is not None
-        question, answer = _random_question(rng, conversation.latest_scene)
-        conversation.user(question)
-        conversation.assistant(answer)
+        dialogue.followup_question_turns(conversation)
 
 
-_SEGMENTS: dict[str, tuple[Callable[[_Conversation], None], float]] = {
+_SEGMENTS: dict[str, tuple[Callable[[Conversation], None], float]] = {
     "describe": (_describe_segment, 2.0),
     "question": (_question_segment, 2.0),
     "compare": (_comparison_segment, 1.5),
@@ -600,10 +244,13 @@ _SYSTEM_PROMPTS = (
 )
 
 
-def _conversation_record(rng: random.Random, images: _ImageStore, image_dir: str) -> Record:
-    conversation = _Conversation(rng, images)
+def _conversation_record(
+    rng: random.Random, images: _ImageStore, image_dir: str, kinds: list[tuple[str, ...]] | None = None
+) -> Record:
+    """One stage-2 record; its exchange kinds are appended to ``kinds`` when given."""
+    conversation, turns = _stage2_conversation(rng, images)
     if rng.random() < 0.1:
-        conversation.turns.append(
+        turns.append(
             {"role": "system", "content": rng.choice(_SYSTEM_PROMPTS), "image_list": [], "caption_list": []}
         )
     names = list(_SEGMENTS)
@@ -614,7 +261,9 @@ def _conversation_record(rng: random.Random, images: _ImageStore, image_dir: str
         # After looking at a user image, sometimes ask for a modified copy of it.
         if segment in (_describe_segment, _question_segment) and rng.random() < 0.25:
             _edit_pair(conversation)
-    return {"conversation": conversation.turns, "image_dir": image_dir}
+    if kinds is not None:
+        kinds.append(tuple(conversation.kinds))
+    return {"conversation": turns, "image_dir": image_dir}
 
 
 def write_stage2_json(
@@ -654,6 +303,71 @@ def write_stage2_json(
     ]
     _write_json_list(Path(out_path), records)
     return images.count
+
+
+def stage2_exchange_kinds(num_conversations: int, seed: int, image_size: int = 64) -> list[tuple[str, ...]]:
+    """The exchange kinds (``dialogue.EXCHANGE_KINDS``) of each conversation ``write_stage2_json`` writes."""
+    rng = stream_rng(seed, STAGE2_STREAM)
+    images = _ImageStore(None, image_size)
+    kinds: list[tuple[str, ...]] = []
+    for _ in range(num_conversations):
+        _conversation_record(rng, images, "", kinds)
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-caption pairs for the data engine
+
+
+def write_pairs(
+    out_dir: str | os.PathLike[str],
+    num_pairs: int,
+    seed: int,
+    image_size: int = 64,
+    family_sizes: Sequence[int] = (2, 3, 4, 5),
+    progress: bool = False,
+) -> Path:
+    """Write ``num_pairs`` image-caption pairs for the data engine; return the path of their JSONL file.
+
+    ``out_dir/pairs.jsonl`` holds one ``{"image": "images/KEY.png", "caption": ..., "key": KEY}`` per
+    line (the image path is relative to the file); ``KEY`` is the pair's index in nine digits.
+
+    Pairs come in families, like the photos of one subject in a real collection: a random scene, then
+    a walk of ``random_edit`` steps from it (a family of n scenes, n drawn from ``family_sizes``, no
+    scene twice), each drawn with its own jitter. Images that look alike are then often one edit apart,
+    which is what lets the toy conversation writer turn the images of one topic cluster into
+    drawing-and-editing conversations. The pairs draw from their own random stream (``PAIRS_STREAM``),
+    apart from the stage-1 shards, the synthetic stage-2 conversations and the evaluation sets.
+    """
+    if num_pairs < 1:
+        raise ValueError("num_pairs must be positive")
+    directory = Path(out_dir)
+    image_directory = directory / "images"
+    image_directory.mkdir(parents=True, exist_ok=True)
+    rng = stream_rng(seed, PAIRS_STREAM)
+    records = []
+    bar = tqdm(total=num_pairs, desc="toy pairs", unit="pair", disable=not progress)
+    while len(records) < num_pairs:
+        family = [random_scene(rng)]
+        size = rng.choice(list(family_sizes))
+        for _ in range(8 * size):  # a few tries more than needed: a step may come back to a scene of the family
+            if len(family) >= size:
+                break
+            _, edited = dialogue.random_edit(rng, family[-1])
+            if edited not in family:
+                family.append(edited)
+        for scene in family[: num_pairs - len(records)]:
+            key = f"{len(records):09d}"
+            draw_scene(scene, image_size=image_size, rng=rng).save(image_directory / f"{key}.png", format="PNG")
+            records.append({"image": f"images/{key}.png", "caption": caption(scene), "key": key})
+            bar.update(1)
+    bar.close()
+    path = directory / "pairs.jsonl"
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(temporary, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,26 +419,25 @@ def write_eval_sets(
     images = _ImageStore(image_directory, image_size, prefix="draw_")
     draw_records = []
     for _ in tqdm(range(num_draw), desc="eval draw", disable=not progress):
-        conversation = _Conversation(rng, images)
+        conversation, turns = _stage2_conversation(rng, images)
         kind = rng.choices(["draw", "edit", "redraw"], weights=[40, 45, 15])[0]
         if kind == "redraw":
             _describe_segment(conversation)
         elif kind == "edit":
             scene = random_scene(rng)
-            conversation.user(_draw_request(rng, scene))
-            conversation.assistant(_image_answer(rng, scene, edited=False), [scene])
+            dialogue.draw_turns(conversation, scene)
             for _ in range(rng.choice([0, 0, 1, 2])):
                 _edit_pair(conversation)
         if kind == "draw":
             expected = random_scene(rng)
-            conversation.user(_draw_request(rng, expected))
+            conversation.user(dialogue.draw_request(rng, expected))
         else:
             assert conversation.latest_scene is not None
-            instruction, expected = _random_edit(rng, conversation.latest_scene)
-            conversation.user(_edit_request(rng, instruction, conversation.latest_is_drawn))
+            instruction, expected = dialogue.random_edit(rng, conversation.latest_scene)
+            conversation.user(dialogue.edit_request(rng, instruction, conversation.latest_is_drawn))
         draw_records.append(
             {
-                "conversation": conversation.turns,
+                "conversation": turns,
                 "image_dir": str(image_directory),
                 "expected_caption": caption(expected),
             }
@@ -748,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stage1-samples", type=int, default=20_000)
     parser.add_argument("--samples-per-shard", type=int, default=1_000)
     parser.add_argument("--stage2-conversations", type=int, default=5_000)
+    parser.add_argument(
+        "--pairs", type=int, default=0, help="image-caption pairs for the data engine (out/pairs/pairs.jsonl)"
+    )
     parser.add_argument("--eval-describe", type=int, default=200)
     parser.add_argument("--eval-draw", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=64)
@@ -787,6 +503,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"stage 2: {arguments.stage2_conversations} conversations in {train_path}, "
             f"{image_count} images in {image_dir}"
         )
+    if arguments.pairs > 0:
+        path = write_pairs(
+            out / "pairs", arguments.pairs, arguments.seed, image_size=arguments.image_size, progress=progress
+        )
+        print(f"pairs: {arguments.pairs} image-caption pairs in {path}")
     if arguments.eval_describe > 0 or arguments.eval_draw > 0:
         paths = write_eval_sets(
             out / "eval",
