@@ -1,22 +1,17 @@
+"""Build shim: the metadata is in pyproject.toml. This file adds what pyproject cannot say: the packages are
+found automatically, and the top-level `configs/` and `data/examples.json` ship inside the wheel as package
+data under `textbind/_resources/` (found by `textbind.resources.find_resource`)."""
+
 from setuptools import find_packages, setup
 
+RESOURCES = {"textbind._resources.configs": "configs", "textbind._resources.data": "data"}
+
 setup(
-    name="textbind",
-    version="0.1.0",
-    description="TextBind: multi-turn interleaved multimodal instruction following",
-    packages=find_packages(include=["textbind", "textbind.*"]),
-    package_data={"textbind.datagen": ["data/*.txt", "data/*.jsonl"]},  # the prompt template and seed examples
-    python_requires=">=3.10",
-    install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
-    entry_points={
-        "console_scripts": ["textbind=textbind.cli:main"],
-        # lmms-eval finds `--model textbind` here (textbind.eval.lmms).
-        "lmms_eval.models": ["textbind = textbind.eval.lmms:manifests"],
-    },
-    extras_require={
-        "test": ["pytest>=8", "ruff", "playwright", "gradio_client"],
-        # lmms-eval's own requirements pull torchvision and another torch: on a machine whose torch is
-        # pinned, install it with `pip install --no-deps lmms-eval loguru` instead (see the README).
-        "eval": ["lmms-eval>=0.7,<0.8", "openpyxl"],
+    packages=[*find_packages(include=["textbind", "textbind.*"]), *RESOURCES],
+    package_dir=RESOURCES,
+    package_data={
+        "textbind._resources.configs": ["**/*.yaml", "**/*.json"],
+        "textbind._resources.data": ["examples.json", "examples/*.png", "README.md"],
+        "textbind.datagen": ["data/*.txt", "data/*.jsonl"],  # the data engine's prompt template and seed examples
     },
 )

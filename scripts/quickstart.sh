@@ -9,6 +9,12 @@
 # OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The toy world trains (DeepSpeed, webdataset shards), makes its data with the data engine and is scored by the
+# evaluation harness: the train, datagen and eval extras, which `pip install textbind` (inference and the demo)
+# leaves out. Installed once, where missing.
+python3 -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+    deepspeed peft webdataset braceexpand openai fastapi uvicorn rapidfuzz sklearn torchmetrics \
+  || python3 -m pip install -q -e ".[train,datagen,eval]"
 DEMO=1
 ARGS=()
 for arg in "$@"; do

@@ -13,6 +13,10 @@ if [[ -z ${CONFIG:-} && $IMAGE_DECODER == toy ]]; then
   CONFIG=$(dirname "$0")/../configs/toy/model.yaml  # the toy world's small model (float32)
 fi
 CONFIG=${CONFIG:-$(dirname "$0")/../configs/model/llama2_7b.yaml}
+# PRETRAINED: a `textbind export` directory or hub id; the model parts (and, unless CHECKPOINT is set, the
+# weights) come from it.
+PRETRAINED=${PRETRAINED:-}
+if [[ -n $PRETRAINED ]]; then CHECKPOINT=${CHECKPOINT-}; fi
 CHECKPOINT=${CHECKPOINT-./checkpoint/second_stage_model.pt}
 VISION_MODEL=${VISION_MODEL:-./checkpoint/blip2_vision_model}
 QFORMER=${QFORMER:-./checkpoint/blip2_qformer.safetensors}
@@ -37,4 +41,5 @@ exec python3 -m textbind demo \
     ${DTYPE:+--dtype "$DTYPE"} \
     --host "$HOST" \
     --port "$PORT" \
+    ${PRETRAINED:+"model.pretrained=$PRETRAINED"} \
     "$@"

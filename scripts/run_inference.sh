@@ -7,6 +7,10 @@
 set -euo pipefail
 
 CONFIG=${CONFIG:-$(dirname "$0")/../configs/model/llama2_7b.yaml}
+# PRETRAINED: a `textbind export` directory or hub id; the model parts (and, unless CHECKPOINT is set, the
+# weights) come from it.
+PRETRAINED=${PRETRAINED:-}
+if [[ -n $PRETRAINED ]]; then CHECKPOINT=${CHECKPOINT-}; fi
 CHECKPOINT=${CHECKPOINT-./checkpoint/second_stage_model.pt}
 VISION_MODEL=${VISION_MODEL:-./checkpoint/blip2_vision_model}
 QFORMER=${QFORMER:-./checkpoint/blip2_qformer.safetensors}
@@ -28,4 +32,5 @@ python3 -m textbind infer \
     --sd-refiner "$SD_REFINER" \
     --input "$INPUT" \
     --output "$OUTPUT" \
+    ${PRETRAINED:+"model.pretrained=$PRETRAINED"} \
     "$@"

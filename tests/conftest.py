@@ -41,6 +41,31 @@ def bundle(model_config):
 
 
 @pytest.fixture(scope="session")
+def bundle_of_style(model_config, tmp_path_factory):
+    """style -> a tiny bundle in eval mode: llama2 is built as `bundle` is; llama3 and qwen2 (textbind.tiny.CHAT_STYLES)
+    use their tokenizer's chat template (model.template=chat_template). Each is built once per session."""
+    from textbind.config import ModelConfig
+    from textbind.model.builder import build_model
+    from textbind.tiny import build_tiny_pretrained
+
+    built = {}
+
+    def get(style: str):
+        if style not in built:
+            if style == "llama2":
+                config = model_config
+            else:
+                paths = build_tiny_pretrained(tmp_path_factory.mktemp(f"tiny-{style}"), seed=0, style=style)
+                config = ModelConfig(**paths, template="chat_template")
+            torch.manual_seed(0)
+            built[style] = build_model(config)
+            built[style].model.eval()
+        return built[style]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def image_dir(tmp_path_factory):
     """Six small images of distinct colours with a shape each, named 0.png .. 5.png."""
     directory = tmp_path_factory.mktemp("images")

@@ -55,6 +55,12 @@ def check_all_branches(bundle, samples, row):
         torch.testing.assert_close(batch_losses[rows[:-1]], losses, atol=2e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module", params=["llama2", "llama3", "qwen2"])
+def bundle(request, bundle_of_style):
+    """Every test here runs for each conversation markup: Llama-2 chat, and a Llama-3 / Qwen2 chat template."""
+    return bundle_of_style(request.param)
+
+
 @pytest.fixture
 def encoder(bundle):
     return ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens, max_length=768)
@@ -108,3 +114,26 @@ def test_branch_tokens_never_predicted_by_main(bundle, encoder, image_dir):
     for position in range(encoded.main_length - 1):
         if encoded.targets[position] in caption_tokens:
             assert encoded.targets[position] == encoded.input_ids[position + 1]
+
+
+def test_markup_is_the_chat_template(bundle, encoder, image_dir):
+    """With a chat template, the encoded conversation is the template's rendering of it (images as their tokens),
+    and each assistant turn is supervised up to and including the template's end-of-turn token."""
+    tokenizer = bundle.tokenizer
+    conversation_ = several_output_images(image_dir)
+    encoded = encoder.encode(conversation_)
+    if encoder.template == "llama2":
+        assert tokenizer.decode(encoded.input_ids[:4]).startswith("<s>")
+        return
+    image_text = "<image>" * bundle.model.num_query_tokens
+    messages = [{"role": turn.role, "content": image_text.join(part.strip() for part in turn.content.split("<image>"))}
+                for turn in conversation_.turns]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(encoded.input_ids[: encoded.main_length]) == expected
+    end_of_turn = [target for target in encoded.targets if target == tokenizer.eos_token_id]
+    assert len(end_of_turn) == sum(turn.role == "assistant" for turn in conversation_.turns)
+    prompt = conversation(*[(turn.role, turn.content, turn.image_list, turn.caption_list)
+                            for turn in conversation_.turns[:-1]], image_dir=image_dir)
+    prompt_ids = encoder.encode(prompt, for_inference=True).input_ids
+    generation_prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(prompt_ids) == generation_prompt

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 MODULE_NAMES = ("vision_model", "query_tokens", "qformer", "qformer_projection", "language_model")
+# Conversation markups: Llama-2 chat as TextBind trained it, or the language model tokenizer's own chat template.
+TEMPLATES = ("llama2", "chat_template")
 
 # Every spelling of a dtype the configs and flags accept -> its canonical torch name.
 DTYPE_NAMES = {
@@ -40,13 +42,17 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Where the pretrained parts come from and which parts train."""
 
-    vision_model: str | None = None  # Blip2VisionModel directory
+    # A transformers Blip2ForConditionalGeneration directory or hub id (what `textbind export` writes): when set,
+    # the vision model, Q-Former, projector, language model, tokenizer and processor all come from it.
+    pretrained: str | None = None  # Blip2 directory or hub id; when set, the part paths below are not used
+    vision_model: str | None = None  # Blip2VisionModel directory or hub id
     qformer: str | None = None  # query tokens + Q-Former weights (.safetensors, or a legacy .pt state dict)
-    language_model: str | None = None  # Llama directory (weights + tokenizer)
-    processor: str | None = None  # BLIP-2 processor / image processor directory
+    language_model: str | None = None  # Llama directory or hub id (weights + tokenizer)
+    processor: str | None = None  # BLIP-2 processor / image processor directory or hub id
     qformer_num_heads: int | None = None  # legacy Q-Former files without a config only; null: hidden size / 64
     checkpoint: str | None = None  # trained modules to load over the parts (our export, or second_stage_model.pt)
     num_query_tokens: int | None = None  # null: as the Q-Former file holds; set: checked against it
+    template: str = "llama2"  # conversation markup: llama2 (Llama-2 chat) | chat_template (the tokenizer's own)
     trainable: list[str] = field(default_factory=lambda: ["query_tokens", "qformer", "qformer_projection"])
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
     attn_implementation: str = "sdpa"  # the language model's attention: sdpa | eager | flex_attention
@@ -65,6 +71,8 @@ class ModelConfig:
             raise ConfigError(f"model.quantize must be 4bit, 8bit or null, got {self.quantize!r}")
         if self.qformer_num_heads is not None and self.qformer_num_heads <= 0:
             raise ConfigError("model.qformer_num_heads must be positive (or null)")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"model.template must be one of {list(TEMPLATES)}, got {self.template!r}")
 
 
 @dataclass
@@ -167,6 +175,11 @@ class TrainConfig:
             raise ConfigError("train.quantize needs train.lora.enabled=true: a quantized model trains through adapters")
         if self.precision not in (None, "bf16", "fp16", "fp32"):
             raise ConfigError(f"train.precision must be bf16, fp16, fp32 or null, got {self.precision!r}")
+        if self.deepspeed_config:
+            from textbind.resources import resolve_resource
+
+            # a shipped engine JSON (configs/deepspeed/...) is found from any working directory
+            self.deepspeed_config = resolve_resource(self.deepspeed_config)
 
 
 @dataclass
@@ -267,9 +280,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     `config_type` is a dataclass of section dataclasses (RunConfig by default; the data engine has its
     own) with a `validate()` method that returns the config.
     """
+    from textbind.resources import resolve_resource
+
     config = config_type()
     if path:
-        for values in _read_yaml_chain(Path(path)):
+        # configs/... names a shipped config from any working directory, in a checkout and in an installed wheel
+        for values in _read_yaml_chain(Path(resolve_resource(str(path)))):
             _apply(config, values, "")
     if overrides:
         _apply(config, parse_overrides(overrides), "")

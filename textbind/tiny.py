@@ -7,6 +7,10 @@ writes the same layout the real recipe uses:
     OUT/blip2_qformer.safetensors  query tokens + Q-Former (made by textbind.prepare_blip2)
     OUT/llama/                     LlamaForCausalLM + a locally trained Llama-style tokenizer
     OUT/processor/                 BLIP image processor config
+
+`--style llama3` or `qwen2` makes the language model a Llama-3-style one (byte-level BPE, header tokens,
+`<|eot_id|>`) or a Qwen2ForCausalLM with ChatML markup, each with its own chat template (for
+`model.template=chat_template`); the folder is then OUT/llama3 or OUT/qwen2.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from transformers import (
     LlamaForCausalLM,
     LlamaTokenizer,
     OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from textbind.prepare_blip2 import prepare_blip2
@@ -111,13 +118,56 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> LlamaTokenizer:
     return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
 
 
+# Chat-template language models, in the manner of Llama-3 and Qwen2: special tokens, chat template, end of turn.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_STYLES = {
+    # style: (special tokens, bos, eos (= end of turn, as in the instruct releases), pad, chat template)
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", LLAMA3_CHAT_TEMPLATE),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>",
+              QWEN2_CHAT_TEMPLATE),
+}
+STYLES = ("llama2", *CHAT_STYLES)
+
+
+def train_byte_level_tokenizer(corpus: list[str], vocab_size: int, style: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (as Llama-3's and Qwen2's) with the style's special tokens and chat template."""
+    special_tokens, bos, eos, pad, chat_template = CHAT_STYLES[style]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad)
+    wrapped.chat_template = chat_template
+    return wrapped
+
+
 def build_tiny_pretrained(
     output_dir: str | Path,
     seed: int = 0,
     sizes: TinySizes | None = None,
     corpus: list[str] | None = None,
+    style: str = "llama2",
 ) -> dict[str, str]:
-    """Write the tiny pretrained set; return the four paths as model-config keys."""
+    """Write the tiny pretrained set; return the four paths as model-config keys.
+
+    `style`: llama2 (a Llama-2-style tokenizer and LlamaForCausalLM), llama3 or qwen2 (see CHAT_STYLES)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose from {list(STYLES)}")
     sizes = sizes or TinySizes()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -163,7 +213,22 @@ def build_tiny_pretrained(
         blip2.save_pretrained(scratch)
         vision_dir, qformer_file = prepare_blip2(scratch, output)
 
-    tokenizer = train_tokenizer([*BASE_CORPUS.strip().splitlines(), *(corpus or [])], sizes.vocab_size)
+    lines = [*BASE_CORPUS.strip().splitlines(), *(corpus or [])]
+    if style != "llama2":
+        language_model_dir = output / style
+        chat_tokenizer = train_byte_level_tokenizer(lines, sizes.vocab_size, style)
+        qwen = style == "qwen2"
+        config_type, model_type = (Qwen2Config, Qwen2ForCausalLM) if qwen else (LlamaConfig, LlamaForCausalLM)
+        chat_model = model_type(config_type(
+            vocab_size=len(chat_tokenizer), hidden_size=sizes.llm_hidden, intermediate_size=sizes.llm_intermediate,
+            num_hidden_layers=sizes.llm_layers, num_attention_heads=sizes.llm_heads,
+            num_key_value_heads=sizes.llm_kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+            bos_token_id=chat_tokenizer.bos_token_id, eos_token_id=chat_tokenizer.eos_token_id,
+            pad_token_id=chat_tokenizer.pad_token_id,
+        )).eval()
+        chat_model.save_pretrained(str(language_model_dir))
+        chat_tokenizer.save_pretrained(str(language_model_dir))
+    tokenizer = train_tokenizer(lines, sizes.vocab_size)
     llama_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=sizes.llm_hidden,
@@ -191,10 +256,11 @@ def build_tiny_pretrained(
     paths = {
         "vision_model": str(vision_dir),
         "qformer": str(qformer_file),
-        "language_model": str(llama_dir),
+        "language_model": str(llama_dir if style == "llama2" else output / style),
         "processor": str(processor_dir),
     }
-    (output / "tiny.json").write_text(json.dumps({"seed": seed, "sizes": asdict(sizes), "paths": paths}, indent=2))
+    (output / "tiny.json").write_text(
+        json.dumps({"seed": seed, "style": style, "sizes": asdict(sizes), "paths": paths}, indent=2))
     return paths
 
 
@@ -203,9 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="checkpoint/tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", help="optional text file whose lines extend the tokenizer's corpus")
+    parser.add_argument("--style", choices=STYLES, default="llama2",
+                        help="language model and tokenizer: Llama-2 style, or Llama-3 / Qwen2 style (chat template)")
     args = parser.parse_args(argv)
     corpus = Path(args.corpus).read_text().splitlines() if args.corpus else None
-    for key, path in build_tiny_pretrained(args.out, seed=args.seed, corpus=corpus).items():
+    for key, path in build_tiny_pretrained(args.out, seed=args.seed, corpus=corpus, style=args.style).items():
         print(f"{key}: {path}")
 
 

@@ -7,10 +7,17 @@ assistant image that survived truncation. For an assistant image whose 32 tokens
   - its branch `<start> c1 .. cn <end>` has position ids p .. p+n+1, sees main tokens [0, p) and
     earlier tokens of its own branch only, and `<start>` predicts c1, ..., cn predicts `<end>`.
 `targets[i]` is the token position i must predict (already shifted), or IGNORE_INDEX.
+
+Two markups (`model.template`): Llama-2 chat as TextBind trained it, or the tokenizer's own chat template
+(Llama-3, Qwen2, Mistral, ...). The latter is rendered with a placeholder per message and split there, so
+that message contents are encoded exactly as in the Llama-2 markup (image tokens, stripped text) and only the
+markup between them comes from the template; an assistant turn is supervised with the template's
+end-of-turn token (the first special token after it).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +27,12 @@ from textbind import END_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, START_TOKEN
 from textbind.data.conversation import Conversation, DataError, split_at_images
 
 MAIN_SEGMENT = 0
+LLAMA2 = "llama2"
+CHAT_TEMPLATE = "chat_template"
+TEMPLATE_ATTRIBUTE = "textbind_template"  # set on the tokenizer by the model builder (model.template)
+# A message's content while the chat template renders: private-use characters no template changes or trims.
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDER_PATTERN = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass
@@ -56,8 +69,21 @@ class _Piece:
 class ConversationEncoder:
     """Encodes conversations for training and prompts for inference, the same way in both."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_query_tokens: int, max_length: int = 768) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_query_tokens: int, max_length: int = 768,
+                 template: str | None = None) -> None:
+        """`template`: llama2 or chat_template; None: the tokenizer's `textbind_template` (model.template, set by
+        the model builder), else llama2."""
         self.tokenizer = tokenizer
+        self.template = template or getattr(tokenizer, TEMPLATE_ATTRIBUTE, None) or LLAMA2
+        if self.template not in (LLAMA2, CHAT_TEMPLATE):
+            raise ValueError(f"unknown conversation template {self.template!r}; choose {LLAMA2} or {CHAT_TEMPLATE}")
+        if self.template == CHAT_TEMPLATE and not tokenizer.chat_template:
+            raise ValueError("the chat_template markup needs a tokenizer with a chat template")
+        # Special tokens of the markup (not ours): the first one after an assistant message ends its turn.
+        ours = {tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_TOKEN, START_TOKEN, END_TOKEN)}
+        self.markup_special_ids = {
+            index for index, token in tokenizer.added_tokens_decoder.items() if token.special and index not in ours
+        } | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.num_query_tokens = num_query_tokens
         self.max_length = max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -90,7 +116,50 @@ class ConversationEncoder:
                 pieces.append(_Piece(image_ids, False, True, images[index], caption))
         return pieces
 
+    def _turn_pieces(self, conversation: Conversation, index: int) -> list[_Piece]:
+        """The content of turn `index` (system turns included): text pieces and image-token runs."""
+        turn = conversation.turns[index]
+        where = f"{conversation.source} turn {index}"
+        images = [conversation.image_path(image) for image in turn.image_list]
+        if turn.role != "assistant":
+            return self._content_pieces(turn.content, images, None, False, where)
+        captions = turn.caption_list if turn.caption_list else [""] * len(images)
+        return self._content_pieces(turn.content, images, captions, True, where)
+
+    def _markup_pieces(self, markup: str, ends_assistant_turn: bool, where: str) -> list[_Piece]:
+        """Template text between messages; after an assistant message, its end-of-turn token is supervised."""
+        ids = self.tokenizer(markup, add_special_tokens=False)["input_ids"] if markup else []
+        if not ends_assistant_turn:
+            return [_Piece(ids, False)] if ids else []
+        end = next((position for position, token in enumerate(ids) if token in self.markup_special_ids), None)
+        if end is None:
+            raise DataError(f"{where}: the chat template writes no special token to end an assistant turn")
+        pieces = [_Piece(ids[: end + 1], True)]
+        return pieces + ([_Piece(ids[end + 1 :], False)] if ids[end + 1 :] else [])
+
+    def _chat_template_pieces(self, conversation: Conversation, for_inference: bool) -> list[_Piece]:
+        turns = conversation.turns
+        messages = [{"role": turn.role, "content": _PLACEHOLDER.format(index)} for index, turn in enumerate(turns)]
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=for_inference and bool(turns) and turns[-1].role == "user"
+        )
+        parts = _PLACEHOLDER_PATTERN.split(rendered)  # markup, index, markup, index, ..., markup
+        if [int(index) for index in parts[1::2]] != list(range(len(turns))):
+            raise DataError(f"{conversation.source}: the chat template does not write each message once, in order")
+        pieces: list[_Piece] = []
+        for index in range(len(turns)):
+            after_assistant = index > 0 and turns[index - 1].role == "assistant"
+            pieces += self._markup_pieces(parts[2 * index], after_assistant, conversation.source)
+            pieces += self._turn_pieces(conversation, index)
+        last_is_assistant = bool(turns) and turns[-1].role == "assistant"
+        pieces += self._markup_pieces(parts[-1], last_is_assistant, conversation.source)
+        if for_inference and turns and turns[-1].role != "user":
+            raise DataError(f"{conversation.source}: a prompt for inference must end with a user turn")
+        return pieces
+
     def _pieces(self, conversation: Conversation, for_inference: bool) -> list[_Piece]:
+        if self.template == CHAT_TEMPLATE:
+            return self._chat_template_pieces(conversation, for_inference)
         system = conversation.system
         dialogue = conversation.dialogue
         pieces: list[_Piece] = []

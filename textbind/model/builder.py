@@ -1,9 +1,10 @@
-"""Builders: assemble a MIMModel from local pretrained parts, tokenizer and image processor."""
+"""Builders: assemble a MIMModel from pretrained parts (or one Blip2 directory), tokenizer and image processor."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
+    Blip2ForConditionalGeneration,
     Blip2QFormerConfig,
     Blip2QFormerModel,
     Blip2VisionModel,
@@ -38,6 +40,7 @@ class ModelBundle:
 
 
 def _require(path: str, what: str) -> Path:
+    """A local file or directory that must exist (the Q-Former file: no hub id can stand for it)."""
     if not path:
         raise FileNotFoundError(f"model.{what} is not set: give the local path of the {what}")
     resolved = Path(path)
@@ -46,9 +49,48 @@ def _require(path: str, what: str) -> Path:
     return resolved
 
 
-def load_tokenizer(language_model_path: str) -> PreTrainedTokenizerBase:
-    """The language model's tokenizer with `<image>`, `<start>`, `<end>` added as special tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(language_model_path, local_files_only=True)
+# `owner/name` as the hub spells repository ids. A bare name is not taken for one: it is far more often a
+# mistyped local directory, which should fail as "does not exist" rather than as a hub lookup.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(path: str) -> bool:
+    """True when `path` does not exist locally and is shaped like a hub repository id (`owner/name`)."""
+    return (
+        not Path(path).exists()
+        and _HUB_ID.fullmatch(path) is not None
+        and not path.endswith((".safetensors", ".pt", ".bin", ".json", ".yaml"))
+    )
+
+
+def resolve_source(path: str | None, what: str) -> str:
+    """A local path that exists or a hub id, for `from_pretrained`; FileNotFoundError names the config key."""
+    if not path:
+        raise FileNotFoundError(f"model.{what} is not set: give a local path or a hub id of the {what}")
+    if Path(path).exists() or is_hub_id(path):
+        return path
+    raise FileNotFoundError(f"model.{what}: {path} does not exist")
+
+
+def from_pretrained(loader: Any, path: str | None, what: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained` on a local path or hub id (resolved as transformers does, HF_HUB_OFFLINE included).
+
+    A local path never reaches the network; a hub id that cannot be loaded is a FileNotFoundError naming
+    the config key, like a missing local path."""
+    source = resolve_source(path, what)
+    if not is_hub_id(source):
+        return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"model.{what}: {source} is no local path, and loading it as a hub id failed: {error}"
+        ) from error
+
+
+def load_tokenizer(language_model_path: str, what: str = "language_model") -> PreTrainedTokenizerBase:
+    """The language model's tokenizer (local path or hub id) with `<image>`, `<start>`, `<end>` as special tokens."""
+    tokenizer = from_pretrained(AutoTokenizer, language_model_path, what)
     missing = [token for token in SPECIAL_TOKENS if token not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
@@ -142,9 +184,63 @@ def quantization_config(mode: str | None, compute_dtype: torch.dtype, where: str
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+@dataclass
+class _Parts:
+    """The pretrained pieces a MIMModel is assembled from."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
+    vision_model: torch.nn.Module
+    qformer: torch.nn.Module
+    query_tokens: torch.Tensor  # (1, Q, Dq)
+    language_model: torch.nn.Module
+    projection: torch.nn.Linear | None = None  # a Blip2 directory's trained `language_projection`
+
+
+def _load_separate_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Parts:
+    tokenizer = load_tokenizer(config.language_model)
+    image_processor = from_pretrained(AutoImageProcessor, config.processor, "processor")
+    vision_model = from_pretrained(Blip2VisionModel, config.vision_model, "vision_model", dtype=dtype)
+    qformer, query_tokens = load_qformer(config.qformer, config.qformer_num_heads)
+    quantized = {} if bits is None else {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
+    language_model = from_pretrained(
+        AutoModelForCausalLM, config.language_model, "language_model",
+        dtype=dtype, attn_implementation=config.attn_implementation, **quantized,
+    )
+    return _Parts(tokenizer, image_processor, vision_model, qformer, query_tokens, language_model)
+
+
+def _load_blip2_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Parts:
+    """The parts of a transformers `Blip2ForConditionalGeneration` (our export, or any BLIP-2 with a causal LM)."""
+    if bits is not None:
+        raise ConfigError("quantized loading (model.quantize / train.quantize) does not take model.pretrained yet: "
+                          "give the parts' paths instead")
+    tokenizer = load_tokenizer(config.pretrained, "pretrained")
+    image_processor = from_pretrained(AutoImageProcessor, config.pretrained, "pretrained")
+    blip2 = from_pretrained(Blip2ForConditionalGeneration, config.pretrained, "pretrained", dtype=dtype)
+    if not blip2.config.use_decoder_only_language_model:
+        raise ValueError(
+            f"model.pretrained: {config.pretrained} holds an encoder-decoder language model "
+            f"({blip2.config.text_config.model_type}); textbind needs a decoder-only one"
+        )
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if blip2.config.image_token_id is not None and blip2.config.image_token_id != image_token_id:
+        raise ValueError(
+            f"model.pretrained: {config.pretrained}: config.json's image_token_id {blip2.config.image_token_id} "
+            f"is not the tokenizer's {IMAGE_TOKEN} ({image_token_id})"
+        )
+    language_model = blip2.language_model
+    language_model.set_attn_implementation(config.attn_implementation)
+    return _Parts(
+        tokenizer, image_processor, blip2.vision_model, blip2.qformer, blip2.query_tokens.data, language_model,
+        projection=blip2.language_projection,
+    )
+
+
 def build_model(config: ModelConfig, *, load_checkpoint: bool = True, lora: Any = None,
                 quantize: str | None = None) -> ModelBundle:
-    """Assemble the model from the paths in `config`, load trained modules, choose what trains.
+    """Assemble the model from `config` (one Blip2 directory, or the separate parts; local paths or hub ids),
+    load trained modules, choose what trains.
 
     `lora` (a `textbind.config.LoraConfig`, enabled) adds adapters to the language model, which then
     trains through them only; `quantize` (or `config.quantize`) loads the language model in 4 or 8 bits.
@@ -153,33 +249,32 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True, lora: Any 
     quantize = quantize or config.quantize
     where = "train.quantize" if quantize and quantize != config.quantize else "model.quantize"
     bits = quantization_config(quantize, dtype, where)
-    tokenizer = load_tokenizer(str(_require(config.language_model, "language_model")))
-    image_processor = AutoImageProcessor.from_pretrained(
-        str(_require(config.processor, "processor")), local_files_only=True
-    )
-    vision_model = Blip2VisionModel.from_pretrained(
-        str(_require(config.vision_model, "vision_model")), dtype=dtype, local_files_only=True
-    )
-    qformer, query_tokens = load_qformer(config.qformer, config.qformer_num_heads)
+    load_parts = _load_blip2_parts if config.pretrained else _load_separate_parts
+    parts = load_parts(config, dtype, bits)
+    tokenizer, language_model, query_tokens = parts.tokenizer, parts.language_model, parts.query_tokens
+    source = config.pretrained or config.qformer
     if config.num_query_tokens is not None and config.num_query_tokens != query_tokens.shape[1]:
         raise ConfigError(
-            f"model.num_query_tokens is {config.num_query_tokens} but {config.qformer} holds "
+            f"model.num_query_tokens is {config.num_query_tokens} but {source} holds "
             f"{query_tokens.shape[1]} query tokens: fix the config or leave the key unset (null)"
         )
-    quantized = {} if bits is None else {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
-    language_model = AutoModelForCausalLM.from_pretrained(
-        config.language_model, dtype=dtype, attn_implementation=config.attn_implementation, local_files_only=True,
-        **quantized,
-    )
+    if config.template == "chat_template" and not tokenizer.chat_template:
+        raise ValueError("model.template=chat_template: the language model's tokenizer has no chat template")
+    # Every ConversationEncoder built on this tokenizer (training, validation, generation) reads the markup here
+    # (textbind.data.sequence.TEMPLATE_ATTRIBUTE).
+    tokenizer.textbind_template = config.template
     resize_embeddings_for_special_tokens(language_model, len(tokenizer))
     model = MIMModel(
-        vision_model=vision_model,
-        qformer=qformer,
+        vision_model=parts.vision_model,
+        qformer=parts.qformer,
         query_tokens=query_tokens,
         language_model=language_model,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
+    if parts.projection is not None:
+        model.qformer_projection.load_state_dict(parts.projection.state_dict())
     if bits is None:
+        # One dtype for every part: a Blip2 directory loads its Q-Former in float32 (`_keep_in_fp32_modules`).
         model.to(dtype)
     else:  # quantized weights keep their storage; the other parts go to the dtype and the LLM's device
         for part in (model.vision_model, model.qformer, model.qformer_projection):
@@ -201,4 +296,4 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True, lora: Any 
             language_model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return ModelBundle(model=model, tokenizer=tokenizer, image_processor=image_processor)
+    return ModelBundle(model=model, tokenizer=tokenizer, image_processor=parts.image_processor)

@@ -73,7 +73,6 @@ if TYPE_CHECKING:  # Gradio takes seconds to import: `--help` and the argument h
 
 logger = logging.getLogger(__name__)
 
-REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXAMPLES = "data/examples.json"
 
 DESCRIPTION = """\
@@ -292,8 +291,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads (0: torch's default); small models gain nothing from more")
     demo = parser.add_argument_group("demo")
     demo.add_argument("--examples", default=DEFAULT_EXAMPLES,
-                      help="example conversations (stage-2 style JSON; a relative path is also tried under the "
-                           "repository; every image it names must exist; \"\": no examples)")
+                      help="example conversations (stage-2 style JSON; a relative path is also looked for in "
+                           "the checkout and the installed package; every image it names must exist; "
+                           "\"\": no examples)")
     demo.add_argument("--safe-word-num", type=int, default=650, help="words per conversation")
     demo.add_argument("--safe-image-num", type=int, default=4, help="images per conversation, uploaded and generated")
     demo.add_argument("--max-message-characters", type=int, default=10_000,
@@ -328,10 +328,10 @@ def resolve_examples_path(path: str) -> str:
     the default file, absent from an installed package, only leaves the demo without examples."""
     if not path:
         return ""
-    candidate = Path(path)
-    if not candidate.is_absolute() and not candidate.exists() and (REPOSITORY_ROOT / candidate).exists():
-        candidate = REPOSITORY_ROOT / candidate
-    if candidate.exists():
+    from textbind.resources import find_resource
+
+    candidate = find_resource(path)  # relative paths are also tried in the checkout and the installed package
+    if candidate is not None:
         return str(candidate)
     if path == DEFAULT_EXAMPLES:
         logger.warning("examples file %s not found: the demo shows no examples", path)
