@@ -138,7 +138,7 @@ def test_flags_and_overrides_over_the_yaml_config(tiny_paths) -> None:
          "--language-model", tiny_paths["language_model"], "model.num_query_tokens=32"]
     )
     config = model_config_from_arguments(args)
-    assert config.dtype == "bfloat16" and config.attn_implementation == "eager" and config.checkpoint == ""
+    assert config.dtype == "bfloat16" and config.attn_implementation == "eager" and config.checkpoint is None
     assert config.language_model == tiny_paths["language_model"]
     assert config.vision_model == "checkpoint/tiny/blip2_vision_model"  # from the YAML file
 
