@@ -162,6 +162,8 @@ class BatchedGenerator:
         self.rows: list[BatchRequest] = []  # row r of the cache belongs to rows[r]
         self.waiting: deque[BatchRequest] = deque()
         self.image_token_id = generator.control.image_token_id
+        # The mask is added to the attention scores, in the language model's dtype.
+        self.mask_dtype = self.model.language_model.get_input_embeddings().weight.dtype
 
     def prepare(
         self, conversation: Conversation, config: GenerationConfig | None = None, *, render_images: bool = True,
@@ -190,7 +192,7 @@ class BatchedGenerator:
     ) -> torch.Tensor:
         """Feed (b, q) tokens at (b, q) positions for `rows`; (b, V) logits of each row's last token."""
         self.cache.select(rows, positions)
-        mask = attention_mask(positions, self.cache.capacity, self.model.dtype)
+        mask = attention_mask(positions, self.cache.capacity, self.mask_dtype)
         output = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
             use_cache=True, logits_to_keep=1, **inputs,
