@@ -222,6 +222,10 @@ def malformed_requests() -> dict[str, tuple[bytes | dict, int, str]]:
         "n=2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
         "bad temperature": ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
                             "temperature"),
+        "temperature NaN": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+                            "finite"),
+        "seed out of range": ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed"),
+        "deeply nested JSON": (b"[" * 100_000 + b"]" * 100_000, 400, "JSON"),
         "undecodable data url": (user_with("data:image/png;base64,@@not base64@@"), 400, "base64"),
         "non-image data url": (user_with("data:text/plain;base64,aGVsbG8="), 400, "data:image"),
         "not an image inside": (user_with("data:image/png;base64," + base64.b64encode(b"hello").decode()), 400,
@@ -263,3 +267,33 @@ def test_stop_strings_cut_the_answer(client) -> None:
     answer = client.chat.completions.create(model="textbind", messages=[describe(DRAW_CAPTION)], stop=["red"])
     assert answer.choices[0].message.content == "I see a small"
     assert answer.choices[0].finish_reason == "stop"
+
+
+def test_run_server_script_passes_variables_and_keeps_the_key_off_the_command_line(tmp_path) -> None:
+    """run_server.sh with a stand-in python3 that prints its arguments and the key it was given."""
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\necho "key=${TEXTBIND_API_KEY:-}"\n')
+    fake.chmod(0o755)
+    variables = {"CONFIG", "CHECKPOINT", "VISION_MODEL", "QFORMER", "LANGUAGE_MODEL", "PROCESSOR", "SD_BASE",
+                 "SD_REFINER", "IMAGE_DECODER", "DTYPE", "HOST", "PORT", "API_KEY", "MAX_BATCH_SIZE",
+                 "TEXTBIND_API_KEY"}
+    clean = {key: value for key, value in os.environ.items() if key not in variables}
+    clean["PATH"] = f"{fake.parent}:{clean['PATH']}"
+
+    def run(**extra: str) -> list[str]:
+        result = subprocess.run(["bash", "scripts/run_server.sh", "--with-demo"], cwd=REPOSITORY,
+                                env={**clean, **extra}, capture_output=True, text=True, timeout=30, check=True)
+        return result.stdout.splitlines()
+
+    def value(arguments: list[str], flag: str) -> str:
+        return arguments[arguments.index(flag) + 1]
+
+    arguments = run()
+    assert arguments[:3] == ["-m", "textbind", "serve"] and arguments[-2:] == ["--with-demo", "key="]
+    assert value(arguments, "--host") == "127.0.0.1" and value(arguments, "--port") == "8000"
+    assert value(arguments, "--max-batch-size") == "8"
+    arguments = run(API_KEY="s3cret", MAX_BATCH_SIZE="16", PORT="9001", IMAGE_DECODER="toy")
+    assert arguments[-1] == "key=s3cret" and not any("s3cret" in argument for argument in arguments[:-1])
+    assert value(arguments, "--max-batch-size") == "16" and value(arguments, "--port") == "9001"
+    assert value(arguments, "--config").endswith("configs/toy/model.yaml")

@@ -23,6 +23,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -229,6 +230,8 @@ def _number(body: dict[str, Any], name: str, kind: type, low: float | None = Non
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise APIError(400, f"{name} must be {'a number' if kind is float else 'an integer'}", param=name)
+    if not math.isfinite(value):
+        raise APIError(400, f"{name} must be a finite number, got {value}", param=name)
     if (low is not None and value < low) or (high is not None and value > high):
         raise APIError(400, f"{name} must lie in [{low}, {high}], got {value}", param=name)
     return kind(value)
@@ -260,7 +263,7 @@ def chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
         max_tokens = _number(body, "max_tokens", int, 1, settings.max_new_tokens_limit)
     temperature = _number(body, "temperature", float, 0.0, 2.0)
     top_p = _number(body, "top_p", float, 0.0, 1.0)
-    seed = _number(body, "seed", int)
+    seed = _number(body, "seed", int, 0, 2**32 - 1)
     config = settings.generation
     do_sample = config.do_sample if temperature is None else temperature > 0
     config = replace(
@@ -271,6 +274,10 @@ def chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
         top_p=top_p if top_p else config.top_p,
         seed=seed if seed is not None else (config.seed if not do_sample else None),
     )
+    try:
+        config.validate()
+    except ValueError as error:
+        raise APIError(400, str(error)) from None
     modalities = body.get("modalities") or ["text", "image"]
     if not isinstance(modalities, list) or not set(modalities) <= {"text", "image"} or "text" not in modalities:
         raise APIError(400, 'modalities must be ["text", "image"] or ["text"]', param="modalities")
@@ -386,6 +393,8 @@ def create_app(engine: Any, settings: ServerSettings) -> Any:
             return json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -411,7 +420,7 @@ def create_app(engine: Any, settings: ServerSettings) -> Any:
         if body.get("response_format", "b64_json") != "b64_json":
             raise APIError(400, "response_format must be b64_json (this server keeps no image files)",
                            param="response_format")
-        seed = _number(body, "seed", int)
+        seed = _number(body, "seed", int, 0, 2**32 - 1)
         generator = engine.generator
         if generator.image_decoder is None:
             raise APIError(400, "this server has no image decoder (start it with --image-decoder)",
