@@ -146,7 +146,7 @@ def test_slot_cache_masks_what_a_row_has_not_written() -> None:
     assert (mask[0, 0, 0, :3] == 0).all() and mask[0, 0, 0, 3] < -1e30
     assert mask[1, 0, 0, 0] == 0 and (mask[1, 0, 0, 1:] < -1e30).all()
     cache = SlotCache(2)
-    cache.select(slice(0, 2), torch.tensor([[1], [0]]))
+    cache.select(slice(0, 2), torch.tensor([[1], [0]]), 1)
     keys, _ = cache.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), 0)
     assert keys.shape == (2, 1, cache.capacity, 2)
     assert keys[0, 0, 1].tolist() == [1, 1] and keys[0, 0, 0].tolist() == [0, 0] and keys[1, 0, 0].tolist() == [1, 1]

@@ -65,11 +65,12 @@ class SlotCache(Cache):
         self._rows = slice(0, 0)
         self._slots: torch.Tensor | None = None  # (b, q) slot of each new token
 
-    def select(self, rows: slice, slots: torch.Tensor) -> None:
-        """The next forward pass feeds rows `rows` (b of them), token k of row r going to slot `slots[r, k]`."""
+    def select(self, rows: slice, slots: torch.Tensor, last_slot: int) -> None:
+        """The next forward pass feeds rows `rows` (b of them), token k of row r going to slot `slots[r, k]`;
+        `last_slot` is the largest of them (given by the caller, which knows it without a device sync)."""
         self._rows = rows
         self._slots = slots
-        needed = int(slots.max()) + 1
+        needed = last_slot + 1
         if needed > self.capacity:
             self.capacity = -(-needed // CAPACITY_BLOCK) * CAPACITY_BLOCK
 
@@ -188,10 +189,10 @@ class BatchedGenerator:
     # --- model calls --------------------------------------------------------------------------------------
 
     def _forward(
-        self, rows: slice, input_ids: torch.Tensor, positions: torch.Tensor, **inputs: Any
+        self, rows: slice, input_ids: torch.Tensor, positions: torch.Tensor, last_position: int, **inputs: Any
     ) -> torch.Tensor:
-        """Feed (b, q) tokens at (b, q) positions for `rows`; (b, V) logits of each row's last token."""
-        self.cache.select(rows, positions)
+        """Feed (b, q) tokens at (b, q) positions (at most `last_position`) for `rows`; (b, V) last logits."""
+        self.cache.select(rows, positions, last_position)
         mask = attention_mask(positions, self.cache.capacity, self.mask_dtype)
         output = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
@@ -207,12 +208,14 @@ class BatchedGenerator:
         rows = slice(row, row + 1)
         if isinstance(action, FeedTokens):
             input_ids = torch.tensor([action.token_ids], device=self.model.device)  # (1, n)
-            return self._forward(rows, input_ids, self._positions(action.position, len(action.token_ids)))[0]
+            count = len(action.token_ids)
+            positions = self._positions(action.position, count)
+            return self._forward(rows, input_ids, positions, action.position + count - 1)[0]
         image_embeds = self.generator.encode_image(action.image)  # (1, Q, D)
         count = image_embeds.shape[1]
         input_ids = torch.full((1, count), self.image_token_id, device=self.model.device)  # (1, Q)
         positions = self._positions(action.position, count)
-        return self._forward(rows, input_ids, positions, image_embeds=image_embeds)[0]
+        return self._forward(rows, input_ids, positions, action.position + count - 1, image_embeds=image_embeds)[0]
 
     # --- scheduling ---------------------------------------------------------------------------------------
 
@@ -230,7 +233,8 @@ class BatchedGenerator:
             prepared = request.prepared
             input_ids = torch.tensor([prepared.prompt_ids], device=self.model.device)  # (1, L)
             positions = self._positions(0, len(prepared.prompt_ids))
-            logits = self._forward(slice(row, row + 1), input_ids, positions, pixel_values=prepared.pixel_values)[0]
+            logits = self._forward(slice(row, row + 1), input_ids, positions, len(prepared.prompt_ids) - 1,
+                                   pixel_values=prepared.pixel_values)[0]
             request.action = request.answer.advance(logits)
             request.collect()
         self._settle()
@@ -238,8 +242,9 @@ class BatchedGenerator:
         if not self.rows:
             return
         token_ids = torch.tensor([[request.action.token_ids[0]] for request in self.rows], device=self.model.device)
-        positions = torch.tensor([[request.action.position] for request in self.rows], device=self.model.device)
-        logits = self._forward(slice(0, len(self.rows)), token_ids, positions)  # (b, V)
+        row_positions = [request.action.position for request in self.rows]
+        positions = torch.tensor([[position] for position in row_positions], device=self.model.device)  # (b, 1)
+        logits = self._forward(slice(0, len(self.rows)), token_ids, positions, max(row_positions))  # (b, V)
         for row, request in enumerate(self.rows):
             request.action = request.answer.advance(logits[row])
             request.collect()

@@ -60,6 +60,9 @@ class Engine:
         self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._active: list[tuple[BatchRequest, RequestHandle, EventSink]] = []
         self._stopping = threading.Event()
+        # Requests are encoded on the clients' threads; one at a time, as a tokenizer is not promised to be
+        # thread-safe (the engine thread itself only decodes).
+        self._prepare_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="textbind-engine", daemon=True)
         self._thread.start()
 
@@ -71,7 +74,8 @@ class Engine:
         self, conversation: Conversation, config: GenerationConfig, *, render_images: bool = True
     ) -> PreparedRequest:
         """Check and encode a request (raises DataError); any thread."""
-        return self.batched.prepare(conversation, config, render_images=render_images)
+        with self._prepare_lock:
+            return self.batched.prepare(conversation, config, render_images=render_images)
 
     def submit(self, prepared: PreparedRequest, sink: EventSink) -> RequestHandle:
         handle = RequestHandle(len(prepared.prompt_ids))
