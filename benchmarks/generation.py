@@ -44,13 +44,18 @@ def never_stop(_: list[int], logits: torch.Tensor, eos: int = 2) -> torch.Tensor
     return logits
 
 
-def with_llama_7b_shapes(model: MIMModel, device: str, dtype: torch.dtype) -> MIMModel:
-    """The same vision side and tokenizer ids, with a randomly initialised language model of Llama-2-7B's shapes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_7b_config():
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32003, max_position_embeddings=4096,
-                         attn_implementation="sdpa")
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32003, max_position_embeddings=4096,
+                       attn_implementation="sdpa")
+
+
+def with_language_model(model: MIMModel, config, device: str, dtype: torch.dtype) -> MIMModel:
+    """The same vision side and tokenizer ids, with a randomly initialised language model of `config`'s shapes."""
+    from transformers import LlamaForCausalLM
+
     with torch.device(device):
         language_model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return MIMModel(model.vision_model, model.qformer, model.query_tokens, language_model,
@@ -162,7 +167,7 @@ def main() -> None:
         bundle = build_model(ModelConfig(**build_tiny_pretrained(directory, sizes=TOY_SIZES)))
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.real_shapes else "float32"))
     if args.real_shapes:
-        model = with_llama_7b_shapes(bundle.model, args.device, dtype)
+        model = with_language_model(bundle.model, llama_7b_config(), args.device, dtype)
     else:
         model = bundle.model.to(device=args.device, dtype=dtype).eval()
     generator = InterleavedGenerator(model, bundle.tokenizer, bundle.image_processor, ToyRenderer())

@@ -454,10 +454,18 @@ def create_app(engine: Any, settings: ServerSettings) -> Any:
                 stream_chunks(answer, completion_id, created, settings.model_name),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
+
+        async def cancel_when_gone() -> None:  # a client that hangs up frees its row at the next step
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.5)
+            handle.cancel()
+
+        watcher = asyncio.create_task(cancel_when_gone())
         try:
             async for _ in answer.pieces():
                 pass
         finally:
+            watcher.cancel()
             handle.cancel()
         message = {"role": "assistant", "content": answer.content(), "captions": answer.captions}
         if answer.images:
