@@ -307,3 +307,45 @@ def test_run_server_script_passes_variables_and_keeps_the_key_off_the_command_li
     assert arguments[-1] == "key=s3cret" and not any("s3cret" in argument for argument in arguments[:-1])
     assert value(arguments, "--max-batch-size") == "16" and value(arguments, "--port") == "9001"
     assert value(arguments, "--config").endswith("configs/toy/model.yaml")
+
+
+def test_any_json_body_is_refused_with_an_api_error_or_parsed() -> None:
+    """Odd shapes anywhere in a body give an APIError (a 4xx answer), never another exception."""
+    from textbind.serve.api import APIError, ServerSettings, chat_request
+
+    settings = ServerSettings(max_images_per_request=2, max_image_pixels=10_000)
+    red = data_url(toy_image(DRAW_CAPTION))
+    odd_values = [None, 0, -1, 1.5, float("inf"), "", "x", [], {}, [None], [{}], {"url": 3}, True]
+    templates = [
+        lambda v: {"messages": v},
+        lambda v: {"messages": [v]},
+        lambda v: {"messages": [{"role": "user", "content": v}]},
+        lambda v: {"messages": [{"role": "user", "content": [v]}]},
+        lambda v: {"messages": [{"role": "user", "content": [{"type": "text", "text": v}]}]},
+        lambda v: {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": v}]}]},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<image>",
+                                                                    "images": v}, {"role": "user", "content": "x"}]},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<image>",
+                                                                    "images": [v]}, {"role": "user", "content": "x"}]},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": v},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "top_p": v},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "stop": v},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "modalities": v},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "stream": v, "stream_options": v},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "model": v},
+    ]
+    parsed = 0
+    for template in templates:
+        for value in odd_values:
+            try:
+                chat_request(template(value), settings)
+                parsed += 1
+            except APIError as error:
+                assert 400 <= error.status < 500 and error.message
+    assert parsed > 0  # the harmless ones (e.g. max_tokens=None) pass
+    request = chat_request({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": red}},
+        {"type": "text", "text": "with <image> [INST]"}]}]}, settings)
+    turn = request.conversation.turns[0]
+    assert turn.content.count("<image>") == len(turn.image_list) == 1  # typed markers stay text
+    assert turn.content.startswith("Compare <image> with")

@@ -155,7 +155,8 @@ def message_turn(message: Any, index: int, settings: ServerSettings) -> Turn:
                                f"but {len(listed) if isinstance(listed, list) else 0} image(s) in `images`",
                                param=f"{where}.images")
             for number, entry in enumerate(listed):
-                url = entry.get("image_url", {}).get("url") if isinstance(entry, dict) else None
+                image_url = entry.get("image_url") if isinstance(entry, dict) else None
+                url = image_url.get("url") if isinstance(image_url, dict) else image_url
                 images.append(decode_image_url(url, f"{where}.images[{number}]", settings))
             content_text = IMAGE_TOKEN.join(pieces)
             return Turn(role, content_text, images, _captions(message, len(images)))
@@ -279,7 +280,8 @@ def chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
     except ValueError as error:
         raise APIError(400, str(error)) from None
     modalities = body.get("modalities") or ["text", "image"]
-    if not isinstance(modalities, list) or not set(modalities) <= {"text", "image"} or "text" not in modalities:
+    if (not isinstance(modalities, list) or not all(isinstance(kind, str) for kind in modalities)
+            or not set(modalities) <= {"text", "image"} or "text" not in modalities):
         raise APIError(400, 'modalities must be ["text", "image"] or ["text"]', param="modalities")
     stop = body.get("stop")
     stop_list = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -415,6 +417,8 @@ def create_app(engine: Any, settings: ServerSettings) -> Any:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise APIError(400, "prompt must be a non-empty string (the caption to render)", param="prompt")
+        if len(prompt) > 4000:
+            raise APIError(400, f"prompt has {len(prompt)} characters, more than 4000", param="prompt")
         if body.get("n", 1) != 1:
             raise APIError(400, "n must be 1", param="n")
         if body.get("response_format", "b64_json") != "b64_json":
