@@ -347,8 +347,6 @@ class StopScanner:
 
 def create_app(engine: Any, settings: ServerSettings) -> Any:
     """The FastAPI app over `engine` (a `textbind.serve.engine.Engine`)."""
-    from textbind.serve.engine import RequestEnd
-
     app = FastAPI(title="textbind", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
@@ -480,7 +478,6 @@ def create_app(engine: Any, settings: ServerSettings) -> Any:
             "usage": answer.usage(),
         }
 
-    app.state.RequestEnd = RequestEnd
     return app
 
 
