@@ -349,3 +349,20 @@ def test_any_json_body_is_refused_with_an_api_error_or_parsed() -> None:
     turn = request.conversation.turns[0]
     assert turn.content.count("<image>") == len(turn.image_list) == 1  # typed markers stay text
     assert turn.content.startswith("Compare <image> with")
+
+
+def test_local_image_paths_only_under_the_configured_directory(tmp_path) -> None:
+    from textbind.serve.api import APIError, ServerSettings, decode_image_url
+
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    toy_image(DRAW_CAPTION).save(allowed / "red.png")
+    toy_image(DRAW_CAPTION).save(tmp_path / "outside.png")
+    settings = ServerSettings(local_image_dir=str(allowed))
+    for url in ("red.png", f"file://{allowed / 'red.png'}"):
+        assert decode_image_url(url, "image", settings).tobytes() == toy_image(DRAW_CAPTION).tobytes()
+    for url in ("../outside.png", str(tmp_path / "outside.png"), "missing.png", "http://127.0.0.1/red.png"):
+        with pytest.raises(APIError, match="image directory|network"):
+            decode_image_url(url, "image", settings)
+    with pytest.raises(APIError, match="local file paths are not accepted"):
+        decode_image_url("red.png", "image", ServerSettings())

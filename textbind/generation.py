@@ -15,6 +15,10 @@ is suppressed or rolled back, so the answer is what a text-only decoder of the s
 write. The image is reported as an `ImageEvent` with `image=None`, and the finished turn holds
 None in its `image_list` (render it, or drop the marker, before feeding the turn back as history).
 
+The rules of one answer (sampling, masks, captions, budgets, events) live in `AnswerDecoder`, apart
+from the model: it takes the logits of the last fed position and says what to feed next. The
+single-answer `InterleavedGenerator` below and the batched `textbind.batch_generation` both drive it.
+
 Control tokens the model never learned to emit are masked: `<image>` always (image tokens only
 ever stand for fed images), `<end>` outside a caption, `<start>` and `</s>` inside one (a caption
 ends with `<end>` or at `max_caption_tokens`), and `<start>` once `max_images` images were made.
