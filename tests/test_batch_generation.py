@@ -169,3 +169,32 @@ def test_a_failing_image_decoder_fails_only_its_request(trained, image_dir) -> N
         batched.step()
     assert isinstance(failing.error, RuntimeError)
     assert healthy.error is None and healthy.events[-1].turn.image_list[0] is not None
+
+
+def test_captions_closed_together_are_rendered_in_one_sdxl_call(trained, image_dir, tmp_path) -> None:
+    import numpy
+
+    from textbind.image_decoder import SDXLDecoder
+    from textbind.testing.tiny_sdxl import build_tiny_sdxl
+
+    base, refiner = build_tiny_sdxl(tmp_path / "sdxl", seed=0)
+    decoder = SDXLDecoder.from_pretrained(base, refiner, num_inference_steps=2, high_noise_frac=0.5)
+    alone = [decoder("a green block", seed=seed) for seed in (3, 4)]
+    together = decoder.render_batch(["a green block", "a green block"], [3, 4])
+    for single, batched in zip(alone, together):
+        difference = numpy.abs(numpy.asarray(single, dtype=int) - numpy.asarray(batched, dtype=int))
+        assert difference.max() <= 2  # the same noise per image; only float rounding differs
+    assert numpy.asarray(together[0]).tolist() != numpy.asarray(together[1]).tolist()  # own seeds
+
+    calls = []
+    render_batch = decoder.render_batch
+    decoder.render_batch = lambda captions, seeds: calls.append(list(seeds)) or render_batch(captions, seeds)
+    batched = BatchedGenerator(InterleavedGenerator.from_bundle(trained, decoder), 2)
+    prompt = conversation(("user", "What is this? <image>", ["0.png"]), image_dir=image_dir)
+    requests = [batched.add(batched.prepare(prompt, GenerationConfig(max_new_tokens=30, seed=seed)))
+                for seed in (3, 4)]
+    while batched.busy:
+        batched.step()
+    assert calls == [[3, 4]]  # both rows closed their caption at the same step: one call
+    for request in requests:
+        assert request.error is None and len(request.events[-1].turn.image_list) == 1

@@ -275,7 +275,20 @@ class BatchedGenerator:
                 request.collect()
 
     def _render(self, requests: list[BatchRequest]) -> list[Image.Image | None | BaseException]:
-        """The captions closed together, rendered in turn; a decoder failure fails only its own request."""
+        """The captions closed together: in one call when the decoder has `render_batch(captions, seeds)`
+        (SDXL), else in turn. A decoder failure fails only its own request (the whole group when batched)."""
+        decoder = self.generator.image_decoder
+        rendering = [request for request in requests if request.prepared.render_images]
+        render_batch = getattr(decoder, "render_batch", None)
+        if decoder is not None and render_batch is not None and len(rendering) > 1:
+            actions = [request.action for request in rendering]
+            try:
+                rendered = render_batch([action.caption for action in actions], [action.seed for action in actions])
+                by_request = {id(request): image.convert("RGB") for request, image in zip(rendering, rendered)}
+            except Exception as error:  # noqa: BLE001 - reported to the requests' clients, the batch goes on
+                logger.exception("the image decoder failed on %d captions", len(rendering))
+                by_request = {id(request): error for request in rendering}
+            return [by_request.get(id(request)) for request in requests]
         images: list[Image.Image | None | BaseException] = []
         for request in requests:
             action = request.action
