@@ -154,7 +154,7 @@ def test_streaming_with_an_image_delta(client) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.model_extra["generated_images"] == 1
 
 
-def test_twenty_concurrent_multi_turn_conversations(client) -> None:
+def test_twenty_concurrent_multi_turn_conversations(server, client) -> None:
     """Each client describes its own image, asks for a drawing, then sends the drawing back as history."""
     captions = list(DESCRIPTIONS)
 
@@ -175,6 +175,10 @@ def test_twenty_concurrent_multi_turn_conversations(client) -> None:
     with ThreadPoolExecutor(20) as pool:
         results = dict(pool.map(converse, range(20)))
     assert len(results) == 20
+    deadline = time.monotonic() + 10
+    while (statistics := httpx.get(f"{server}/health").json()["engine"])["active"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine releases finished rows at its next step
+    assert statistics["peak_batch_size"] > 1 and statistics["active"] == 0  # they did share the batch
     for index, (first, second, drawn, finish_reason) in results.items():
         assert first == DESCRIPTIONS[captions[index % 2]], index  # the answer about this client's own image
         assert second == "Here it is: <image>" and drawn == [DRAW_CAPTION], index

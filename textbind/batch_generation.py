@@ -162,6 +162,8 @@ class BatchedGenerator:
         self.cache = SlotCache(max_batch_size)
         self.rows: list[BatchRequest] = []  # row r of the cache belongs to rows[r]
         self.waiting: deque[BatchRequest] = deque()
+        self.steps = 0  # batched decoding steps run so far
+        self.peak_batch_size = 0  # the most rows one step has decoded together
         self.image_token_id = generator.control.image_token_id
         # The mask is added to the attention scores, in the language model's dtype.
         self.mask_dtype = self.model.language_model.get_input_embeddings().weight.dtype
@@ -245,9 +247,12 @@ class BatchedGenerator:
         row_positions = [request.action.position for request in self.rows]
         positions = torch.tensor([[position] for position in row_positions], device=self.model.device)  # (b, 1)
         logits = self._forward(slice(0, len(self.rows)), token_ids, positions, max(row_positions))  # (b, V)
+        self.steps += 1
+        self.peak_batch_size = max(self.peak_batch_size, len(self.rows))
         for row, request in enumerate(self.rows):
             request.action = request.answer.advance(logits[row])
             request.collect()
+        self._release()
 
     def _settle(self) -> None:
         """Run every row's actions until it waits for a one-token feed or has finished."""

@@ -398,7 +398,7 @@ def create_app(engine: Any, settings: ServerSettings) -> Any:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", "engine": engine.statistics()}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

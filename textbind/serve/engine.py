@@ -106,6 +106,12 @@ class Engine:
         finally:
             handle.cancel()
 
+    def statistics(self) -> dict[str, int]:
+        """A snapshot for monitoring (read without a lock: numbers may be one step old)."""
+        batched = self.batched
+        return {"active": len(batched.rows), "waiting": len(batched.waiting), "max_batch_size": batched.max_batch_size,
+                "steps": batched.steps, "peak_batch_size": batched.peak_batch_size}
+
     def close(self) -> None:
         self._stopping.set()
         self._inbox.put(("wake",))
