@@ -272,7 +272,7 @@ class BatchedGenerator:
                     request.collect()
             if not to_render:
                 return
-            for request, image in zip(to_render, self._render([request for request in to_render]), strict=True):
+            for request, image in zip(to_render, self._render(to_render), strict=True):
                 if isinstance(image, BaseException):
                     request.error = image
                     continue
