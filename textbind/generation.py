@@ -15,6 +15,10 @@ is suppressed or rolled back, so the answer is what a text-only decoder of the s
 write. The image is reported as an `ImageEvent` with `image=None`, and the finished turn holds
 None in its `image_list` (render it, or drop the marker, before feeding the turn back as history).
 
+The rules of one answer (sampling, masks, captions, budgets, events) live in `AnswerDecoder`, apart
+from the model: it takes the logits of the last fed position and says what to feed next. The
+single-answer `InterleavedGenerator` below and the batched `textbind.batch_generation` both drive it.
+
 Control tokens the model never learned to emit are masked: `<image>` always (image tokens only
 ever stand for fed images), `<end>` outside a caption, `<start>` and `</s>` inside one (a caption
 ends with `<end>` or at `max_caption_tokens`).
@@ -196,6 +200,220 @@ def truncate_cache(cache: Any, length: int) -> None:
         cache.crop(-tokens_to_remove)
 
 
+@dataclass
+class ControlTokens:
+    """The ids of the control tokens and the (V,) masks of what may not be sampled in each state."""
+
+    image_token_id: int
+    start_token_id: int
+    end_token_id: int
+    eos_token_id: int
+    masks: dict[bool, torch.Tensor]  # in a caption -> (V,) bool
+
+    @classmethod
+    def build(cls, tokenizer: PreTrainedTokenizerBase, vocabulary_size: int, device: torch.device) -> ControlTokens:
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        start_token_id = tokenizer.convert_tokens_to_ids(START_TOKEN)
+        end_token_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+        eos_token_id = tokenizer.eos_token_id
+        masks = {}
+        for in_caption in (False, True):
+            masked = [image_token_id]
+            masked += [start_token_id, eos_token_id] if in_caption else [end_token_id]
+            mask = torch.zeros(vocabulary_size, dtype=torch.bool)
+            mask[masked] = True
+            masks[in_caption] = mask.to(device)
+        return cls(image_token_id, start_token_id, end_token_id, eos_token_id, masks)
+
+
+def sampling_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """The random stream of one answer: seeded by `config.seed` (None: fresh entropy); None when greedy."""
+    if not config.do_sample:
+        return None
+    generator = torch.Generator(device=device)
+    if config.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(config.seed)
+    return generator
+
+
+# What the model must do next for one answer; `AnswerDecoder` returns one after each call.
+@dataclass
+class FeedTokens:
+    """Feed `token_ids` at positions `position`, `position + 1`, ...; then `advance` with the last logits."""
+
+    token_ids: list[int]
+    position: int
+
+
+@dataclass
+class RenderCaption:
+    """Render `caption` with `seed`; then `image_ready` with the image (None: no image for this answer)."""
+
+    caption: str
+    seed: int | None
+
+
+@dataclass
+class FeedImage:
+    """Roll the cache back to `position` (dropping `<start>` and the caption) and feed the image's Q embeddings
+    at positions `position` .. `position + Q - 1`; then `advance` with the logits of the last one."""
+
+    image: Image.Image
+    position: int
+
+
+@dataclass
+class Finished:
+    """The answer is complete; `done` is also the last of its events."""
+
+    done: DoneEvent
+
+
+DecodeAction = FeedTokens | RenderCaption | FeedImage | Finished
+
+
+class AnswerDecoder:
+    """The decoding rules of one assistant turn, apart from the model: logits in, the next action out.
+
+    It samples (control-token masks, logits processor, its own random stream), tracks captions,
+    the token budget and the context length, and collects the answer's events. The single-answer
+    `InterleavedGenerator` and the batched decoder both drive it, so both follow the same rules
+    by construction; they differ only in how they run the model and hold the cache.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        control: ControlTokens,
+        config: GenerationConfig,
+        *,
+        prompt_length: int,
+        max_length: int,
+        num_query_tokens: int,
+        device: torch.device,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.control = control
+        self.config = config
+        self.max_length = max_length
+        self.num_query_tokens = num_query_tokens
+        self.logits_processor = logits_processor
+        self.generator = sampling_generator(config, device)
+        self.length = prompt_length  # tokens in the context == position of the next token
+        self.token_ids: list[int] = []
+        self.segments: list[str] = []  # finished text segments; images sit between neighbours
+        self.images: list[Image.Image | None] = []
+        self.captions: list[str] = []
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.caption_start: int | None = None  # context length before `<start>` while a caption is decoded
+        self.caption_ids: list[int] = []
+        self.finish_reason = FINISH_LENGTH
+        self.finished = False
+        self._events: list[GenerationEvent] = []
+        self._unfed: list[int] = []  # a caption token sampled but not fed when the caption was cut at its cap
+        self._closing = False  # the budget ran out inside a caption: its image is the answer's last event
+        self._pending_caption: str | None = None
+
+    def take_events(self) -> list[GenerationEvent]:
+        """The events since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    def _text(self, piece: str) -> None:
+        if piece:
+            self._events.append(TextEvent(piece))
+
+    def _feed(self, token_ids: list[int]) -> FeedTokens:
+        action = FeedTokens(token_ids, self.length)
+        self.length += len(token_ids)
+        return action
+
+    def advance(self, logits: torch.Tensor) -> DecodeAction:
+        """(V,) logits of the last fed position -> sample the next token; what to do next."""
+        config = self.config
+        if not (len(self.token_ids) < config.max_new_tokens and self.length < self.max_length):
+            return self._finish()
+        if self.logits_processor is not None:
+            logits = self.logits_processor(self.token_ids, logits)
+        in_caption = self.caption_start is not None
+        # `<start>` stays allowed outside a caption even with the image budget spent: see the module docstring.
+        mask = self.control.masks[in_caption]
+        token = sample_next_token(logits.masked_fill(mask, float("-inf")), config, self.generator)  # (1,)
+        token_id = int(token)  # the one host sync per step: control flow and text need the id
+        control = self.control
+        if not in_caption and token_id == control.start_token_id and len(self.images) >= config.max_images:
+            self.finish_reason = FINISH_IMAGE_LIMIT
+            return self._finish()
+        self.token_ids.append(token_id)
+
+        if not in_caption:
+            if token_id == control.eos_token_id:
+                self.finish_reason = FINISH_STOP
+                return self._finish()
+            if token_id == control.start_token_id:
+                self._text(self.detokenizer.flush())
+                self.segments.append(self.detokenizer.text)
+                self.caption_start, self.caption_ids = self.length, []
+            else:
+                self._text(self.detokenizer.push(token_id))
+            return self._feed([token_id])
+
+        if token_id != control.end_token_id:
+            self.caption_ids.append(token_id)
+            if len(self.caption_ids) < config.max_caption_tokens:
+                return self._feed([token_id])
+            self._unfed = [token_id]  # the caption is closed as if `<end>` followed
+        return self._close_caption()
+
+    def _close_caption(self) -> RenderCaption:
+        caption = self.tokenizer.decode(self.caption_ids, skip_special_tokens=True).strip()
+        seed = None if self.config.seed is None else self.config.seed + len(self.images)
+        self._pending_caption = caption
+        return RenderCaption(caption, seed)
+
+    def image_ready(self, image: Image.Image | None) -> DecodeAction:
+        """The rendered image of the caption just closed (None: no image; the caption stays as text)."""
+        caption, self._pending_caption = self._pending_caption, None
+        if caption is None:
+            raise RuntimeError("image_ready called without a caption to render")
+        self.images.append(image)
+        self.captions.append(caption)
+        self._events.append(ImageEvent(image, caption))
+        position, self.caption_start = self.caption_start, None
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        unfed, self._unfed = self._unfed, []
+        if self._closing:
+            return self._done()
+        if len(self.token_ids) >= self.config.max_new_tokens:
+            return self._finish()  # nothing would read the context again
+        if image is None:  # the caption and its `<end>` stay in the context as plain tokens
+            return self._feed([*unfed, self.control.end_token_id])
+        if position + self.num_query_tokens > self.max_length:
+            return self._finish()
+        self.length = position + self.num_query_tokens
+        return FeedImage(image, position)
+
+    def _finish(self) -> DecodeAction:
+        if self.caption_start is not None:  # the budget ran out inside a caption: render what there is
+            self._closing = True
+            return self._close_caption()
+        self._text(self.detokenizer.flush())
+        self.segments.append(self.detokenizer.text)
+        return self._done()
+
+    def _done(self) -> Finished:
+        while len(self.segments) < len(self.images) + 1:  # an answer ending with an image has an empty last segment
+            self.segments.append("")
+        turn = Turn("assistant", join_segments(self.segments), self.images, self.captions)
+        done = DoneEvent(turn, self.finish_reason, self.token_ids)
+        self._events.append(done)
+        self.finished = True
+        return Finished(done)
+
+
 class InterleavedGenerator:
     """Answers conversations with interleaved text and images, one turn at a time (batch size 1).
 
@@ -224,23 +442,13 @@ class InterleavedGenerator:
         self.start_token_id = tokenizer.convert_tokens_to_ids(START_TOKEN)
         self.end_token_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
         self.eos_token_id = tokenizer.eos_token_id
+        vocabulary_size = model.language_model.get_output_embeddings().weight.shape[0]
+        self.control = ControlTokens.build(tokenizer, vocabulary_size, model.device)
 
     @classmethod
     def from_bundle(cls, bundle: Any, image_decoder: ImageDecoder | None = None, **kwargs: Any) -> InterleavedGenerator:
         """From a `textbind.model.builder.ModelBundle`."""
         return cls(bundle.model, bundle.tokenizer, bundle.image_processor, image_decoder, **kwargs)
-
-    def _control_masks(self) -> dict[bool, torch.Tensor]:
-        """in a caption -> (V,) bool mask of the tokens that may not be sampled."""
-        vocabulary_size = self.model.language_model.get_output_embeddings().weight.shape[0]
-        masks = {}
-        for in_caption in (False, True):
-            masked = [self.image_token_id]
-            masked += [self.start_token_id, self.eos_token_id] if in_caption else [self.end_token_id]
-            mask = torch.zeros(vocabulary_size, dtype=torch.bool)
-            mask[masked] = True
-            masks[in_caption] = mask.to(self.model.device)
-        return masks
 
     def _forward(
         self, input_ids: torch.Tensor, start: int, cache: Any, image_embeds: torch.Tensor | None = None,
@@ -267,6 +475,7 @@ class InterleavedGenerator:
     def render(self, caption: str, seed: int | None) -> Image.Image | None:
         if self.image_decoder is None:
             return None
+        logger.debug("rendering caption %r (seed=%s)", caption, seed)
         image = self.image_decoder(caption, seed=seed)
         return image.convert("RGB")
 
@@ -285,118 +494,54 @@ class InterleavedGenerator:
         checked as they are read; `validate_conversation` gives fuller messages for stored records.
         """
         config = (config or GenerationConfig()).validate()
-        model = self.model
-        if model.training:
+        if self.model.training:
             logger.warning("generating with a model in training mode (dropout is active); call model.eval()")
-        device = model.device
-        generator = None
-        if config.do_sample:
-            generator = torch.Generator(device=device)
-            if config.seed is None:
-                generator.seed()
+        device = self.model.device
+        prompt_ids, pixel_values = self.prepare_prompt(conversation)
+        answer = self.answer_decoder(config, len(prompt_ids), logits_processor)
+        prompt = torch.tensor([prompt_ids], device=device)  # (1, L)
+        logits, cache = self._forward(prompt, 0, None, pixel_values=pixel_values)
+        action = answer.advance(logits)
+        while True:
+            yield from answer.take_events()
+            if isinstance(action, Finished):
+                return
+            if isinstance(action, RenderCaption):
+                action = answer.image_ready(self.render(action.caption, action.seed))
+                continue
+            if isinstance(action, FeedTokens):
+                token_ids = torch.tensor([action.token_ids], device=device)  # (1, n)
+                logits, cache = self._forward(token_ids, action.position, cache)
             else:
-                generator.manual_seed(config.seed)
+                logits, cache, _ = self._feed_image(action.image, action.position, cache)
+            action = answer.advance(logits)
 
+    def prepare_prompt(self, conversation: Conversation) -> tuple[list[int], torch.Tensor | None]:
+        """The prompt's token ids and its images' (N, 3, H, W) pixels on the model's device (None: no image).
+
+        Raises DataError as `stream` documents.
+        """
         if any(image is None for turn in conversation.turns for image in turn.image_list):
             raise DataError(
                 f"{conversation.source}: an earlier assistant image was never rendered (None in image_list); "
                 "render it or remove its marker before generating the next turn"
             )
         encoded = self.encoder.encode(conversation, for_inference=True)
-        masks = self._control_masks()
         pixel_values = None
         if encoded.images:
-            pixel_values = pixel_values_for(encoded.images, self.image_processor, conversation.source).to(device)
-        prompt_ids = torch.tensor([encoded.input_ids], device=device)  # (1, L)
-        logits, cache = self._forward(prompt_ids, 0, None, pixel_values=pixel_values)
-        length = prompt_ids.shape[1]  # tokens in the cache == position of the next token
+            pixel_values = pixel_values_for(encoded.images, self.image_processor, conversation.source)
+            pixel_values = pixel_values.to(self.model.device)
+        return list(encoded.input_ids), pixel_values
 
-        token_ids: list[int] = []
-        segments: list[str] = []  # finished text segments; images sit between neighbours
-        images: list[Image.Image | None] = []
-        captions: list[str] = []
-        detokenizer = IncrementalDetokenizer(self.tokenizer)
-        caption_start: int | None = None  # cache length before `<start>` while a caption is decoded
-        caption_ids: list[int] = []
-        finish_reason = FINISH_LENGTH
-
-        while len(token_ids) < config.max_new_tokens and length < self.max_length:
-            if logits_processor is not None:
-                logits = logits_processor(token_ids, logits)
-            in_caption = caption_start is not None
-            # `<start>` stays allowed outside a caption even with the image budget spent: see the module docstring.
-            mask = masks[in_caption]
-            token = sample_next_token(logits.masked_fill(mask, float("-inf")), config, generator)  # (1,)
-            token_id = int(token)  # the one host sync per step: control flow and text need the id
-            if not in_caption and token_id == self.start_token_id and len(images) >= config.max_images:
-                finish_reason = FINISH_IMAGE_LIMIT
-                break
-            token_ids.append(token_id)
-
-            if not in_caption:
-                if token_id == self.eos_token_id:
-                    finish_reason = FINISH_STOP
-                    break
-                if token_id == self.start_token_id:
-                    piece = detokenizer.flush()
-                    if piece:
-                        yield TextEvent(piece)
-                    segments.append(detokenizer.text)
-                    caption_start, caption_ids = length, []
-                else:
-                    piece = detokenizer.push(token_id)
-                    if piece:
-                        yield TextEvent(piece)
-                logits, cache = self._forward(token.view(1, 1), length, cache)
-                length += 1
-                continue
-
-            if token_id != self.end_token_id:
-                caption_ids.append(token_id)
-                logits, cache = self._forward(token.view(1, 1), length, cache)
-                length += 1
-                if len(caption_ids) < config.max_caption_tokens:
-                    continue
-            # The caption is complete: render it and put the image where it began.
-            image, caption = self._close_caption(caption_ids, len(images), config)
-            images.append(image)
-            captions.append(caption)
-            yield ImageEvent(image, caption)
-            position, caption_start = caption_start, None
-            detokenizer = IncrementalDetokenizer(self.tokenizer)
-            if len(token_ids) >= config.max_new_tokens:
-                break  # nothing would read the context again
-            if image is None:
-                end = torch.tensor([[self.end_token_id]], device=device)  # (1, 1)
-                logits, cache = self._forward(end, length, cache)
-                length += 1
-            elif position + model.num_query_tokens <= self.max_length:
-                logits, cache, length = self._feed_image(image, position, cache)
-            else:
-                break
-
-        if caption_start is not None:  # the token budget ran out inside a caption: render what there is
-            image, caption = self._close_caption(caption_ids, len(images), config)
-            images.append(image)
-            captions.append(caption)
-            yield ImageEvent(image, caption)
-        else:
-            piece = detokenizer.flush()
-            if piece:
-                yield TextEvent(piece)
-            segments.append(detokenizer.text)
-        while len(segments) < len(images) + 1:  # an answer ending with an image has an empty last segment
-            segments.append("")
-        turn = Turn("assistant", join_segments(segments), images, captions)
-        yield DoneEvent(turn, finish_reason, token_ids)
-
-    def _close_caption(
-        self, caption_ids: list[int], image_index: int, config: GenerationConfig
-    ) -> tuple[Image.Image | None, str]:
-        caption = self.tokenizer.decode(caption_ids, skip_special_tokens=True).strip()
-        seed = None if config.seed is None else config.seed + image_index
-        logger.debug("rendering caption %r (seed=%s)", caption, seed)
-        return self.render(caption, seed), caption
+    def answer_decoder(
+        self, config: GenerationConfig, prompt_length: int, logits_processor: LogitsProcessor | None = None
+    ) -> AnswerDecoder:
+        """The decoding rules of one answer to a prompt of `prompt_length` tokens."""
+        return AnswerDecoder(
+            self.tokenizer, self.control, config, prompt_length=prompt_length, max_length=self.max_length,
+            num_query_tokens=self.model.num_query_tokens, device=self.model.device,
+            logits_processor=logits_processor,
+        )
 
     def _feed_image(self, image: Image.Image, position: int, cache: Any) -> tuple[torch.Tensor, Any, int]:
         """Roll the cache back to `position` (dropping `<start>` and the caption) and feed the image there."""

@@ -292,6 +292,36 @@ class SDXLDecoder:
             **shared, image=latents, denoising_start=self.high_noise_frac, output_type="pil"
         ).images[0]
 
+    def render_batch(self, captions: list[str], seeds: list[int | None]) -> list[Image.Image]:
+        """Several captions in one pass of each pipeline (for batched decoding: captions closed together).
+
+        Each image gets its own generator, so it starts from the noise it would start from alone; the
+        batched networks may still differ from single runs in the last bits of low-precision arithmetic.
+        """
+        logger.debug("Rendering %d captions together", len(captions))
+        generators = []
+        for seed in seeds:
+            generator = torch.Generator(device=self.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
+            generators.append(generator)
+        negative = None if self.negative_prompt is None else [self.negative_prompt] * len(captions)
+        shared = {
+            "prompt": list(captions),
+            "negative_prompt": negative,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "generator": generators,
+        }
+        size = {"height": self.height, "width": self.width}
+        if self.refiner is None:
+            return list(self.base(**shared, **size, output_type="pil").images)
+        latents = self.base(**shared, **size, denoising_end=self.high_noise_frac, output_type="latent").images
+        return list(self.refiner(**shared, image=latents, denoising_start=self.high_noise_frac,
+                                 output_type="pil").images)
+
 
 def build_image_decoder(base: str | None, refiner: str | None = None, **kwargs: Any) -> ImageDecoder | None:
     """The decoder a run configures: None without a base path, `SDXLDecoder` for an SDXL base (with the
