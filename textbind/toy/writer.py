@@ -247,6 +247,8 @@ def toy_utterances(
             dialogue.edit_turns(conversation, instruction, scenes[index])
         if kind in ("draw", "chain") and rng.random() < 0.2:  # ask about what was just drawn
             dialogue.followup_question_turns(conversation)
+    if len(utterances) < 3:  # one exchange is too short a conversation: ask about the latest image
+        dialogue.followup_question_turns(conversation)
     return utterances, tuple(conversation.kinds)
 
 
