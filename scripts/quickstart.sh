@@ -62,11 +62,14 @@ for _ in $(seq 600); do
 done
 [[ -s "$LLM_DIR/port" ]] || { echo "the toy LLM server did not start within 60 s" >&2; exit 1; }
 # Toy captions say everything an image shows, so the pairs are clustered by their captions (the toy vision
-# encoder is only trained further down). Copies of one scene are distinct drawings here, not duplicates.
+# encoder is only trained further down), in many small clusters: images one edit apart then often meet in
+# one conversation, which the toy LLM turns into drawing-and-editing dialogues. Mini-batch k-means keeps
+# that to seconds. Copies of one scene are distinct drawings here, not near-duplicates.
 python3 -m textbind datagen run --config configs/datagen/toy.yaml pairs.path="$DATA/pairs/pairs.jsonl" \
   run.output_dir="$DATA/stage2" run.seed="$SEED" llm.base_url="http://127.0.0.1:$(cat "$LLM_DIR/port")/v1" \
   llm.model=toy-writer sample.num_conversations="$STAGE2_CONVERSATIONS" cluster.num_clusters="$NUM_CLUSTERS" \
-  embed.encoder=hashing embed.modality=caption cluster.dedup=false
+  embed.encoder=hashing embed.modality=caption embed.hashing_features=256 cluster.minibatch_above=0 \
+  cluster.dedup=false
 stop_llm
 trap - EXIT
 
