@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The embedded default, on a laptop CPU: build the toy shapes world and a small random model, pretrain its
-# vision encoder (the toy stand-in for BLIP-2's pretraining), train stage 1 and stage 2 through
-# scripts/run_first_stage.sh and scripts/run_second_stage.sh, evaluate on held-out data
-# (runs/quickstart/eval.json), then chat with the result in the browser demo.
+# The embedded default, on a laptop CPU: build the toy shapes world (image-caption shards and pairs), make the
+# stage-2 conversations with the data engine (textbind datagen run) from the toy pairs, the scripted toy LLM
+# answering over a real OpenAI-compatible HTTP server, build a small random model, pretrain its vision encoder
+# (the toy stand-in for BLIP-2's pretraining), train stage 1 and stage 2 through scripts/run_first_stage.sh and
+# scripts/run_second_stage.sh, evaluate on held-out data (runs/quickstart/eval.json), then chat with the
+# result in the browser demo.
 #   bash scripts/quickstart.sh [--no-demo] [extra overrides for both stages, e.g. train.max_steps=50]
 # Variables: OUT, DATA, MODEL_DIR, SEED, PRETRAIN_STEPS, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT, STAGE1_SAMPLES,
-# STAGE2_CONVERSATIONS, EVAL_ITEMS, NUM_GPUS (CPU processes; default 2 on 2+ cores), HOST, PORT,
-# OMP_NUM_THREADS (default 1).
+# STAGE2_CONVERSATIONS (conversations requested from the data engine; about 9% are then filtered out and 200
+# go to valid/test), STAGE2_PAIRS (toy image-caption pairs the engine draws them from), NUM_CLUSTERS (topic
+# clusters of the pairs), FAULTY_SHARE (share of faulty transcripts the toy LLM writes for the filters),
+# EVAL_ITEMS, NUM_GPUS (CPU processes; default 2 on 2+ cores), HOST, PORT, OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The toy world trains (DeepSpeed, webdataset shards), makes its data with the data engine and is scored by the
@@ -27,6 +31,9 @@ SEED=${SEED:-0}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-900}
 STAGE1_SAMPLES=${STAGE1_SAMPLES:-7680}
 STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-6400}
+STAGE2_PAIRS=${STAGE2_PAIRS:-$STAGE2_CONVERSATIONS}
+NUM_CLUSTERS=${NUM_CLUSTERS:-$(( STAGE2_PAIRS / 8 > 1 ? STAGE2_PAIRS / 8 : 1 ))}
+FAULTY_SHARE=${FAULTY_SHARE:-0.1}
 EVAL_ITEMS=${EVAL_ITEMS:-200}
 EVAL_LIMIT=${EVAL_LIMIT:-0}
 STAGE1_STEPS=${STAGE1_STEPS:-}  # empty: as the epochs say
@@ -40,10 +47,39 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 
 seconds_since() { python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1"; }
 
-echo "== toy data and a small random model"
+echo "== toy data: image-caption shards (stage 1), image-caption pairs (the data engine's input), eval sets"
 python3 -m textbind toy datagen --out "$DATA" --seed "$SEED" --stage1-samples "$STAGE1_SAMPLES" \
-  --samples-per-shard 1000 --stage2-conversations "$STAGE2_CONVERSATIONS" \
+  --samples-per-shard 1000 --pairs "$STAGE2_PAIRS" --stage2-conversations 0 \
   --eval-describe "$EVAL_ITEMS" --eval-draw "$EVAL_ITEMS"
+
+echo "== stage-2 conversations: the data engine on the toy pairs, the toy LLM behind a real HTTP server"
+LLM_DIR="$DATA/llm"
+mkdir -p "$LLM_DIR"
+rm -f "$LLM_DIR/port"
+python3 -m textbind toy llm-server --port 0 --port-file "$LLM_DIR/port" --seed "$SEED" \
+  --faulty-share "$FAULTY_SHARE" --request-log "$LLM_DIR/requests.jsonl" > "$LLM_DIR/server.log" 2>&1 &
+LLM_PID=$!
+stop_llm() { kill "$LLM_PID" 2>/dev/null && wait "$LLM_PID" 2>/dev/null || true; }
+trap stop_llm EXIT
+for _ in $(seq 600); do
+  [[ -s "$LLM_DIR/port" ]] && break
+  kill -0 "$LLM_PID" 2>/dev/null || { cat "$LLM_DIR/server.log" >&2; echo "the toy LLM server stopped" >&2; exit 1; }
+  sleep 0.1
+done
+[[ -s "$LLM_DIR/port" ]] || { echo "the toy LLM server did not start within 60 s" >&2; exit 1; }
+# Toy captions say everything an image shows, so the pairs are clustered by their captions (the toy vision
+# encoder is only trained further down), in many small clusters: images one edit apart then often meet in
+# one conversation, which the toy LLM turns into drawing-and-editing dialogues. Mini-batch k-means keeps
+# that to seconds. Copies of one scene are distinct drawings here, not near-duplicates.
+python3 -m textbind datagen run --config configs/datagen/toy.yaml pairs.path="$DATA/pairs/pairs.jsonl" \
+  run.output_dir="$DATA/stage2" run.seed="$SEED" llm.base_url="http://127.0.0.1:$(cat "$LLM_DIR/port")/v1" \
+  llm.model=toy-writer sample.num_conversations="$STAGE2_CONVERSATIONS" cluster.num_clusters="$NUM_CLUSTERS" \
+  embed.encoder=hashing embed.modality=caption embed.hashing_features=256 cluster.minibatch_above=0 \
+  cluster.dedup=false
+stop_llm
+trap - EXIT
+
+echo "== a small random model (its tokenizer learns the stage-2 texts)"
 python3 -m textbind toy build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
 
 echo "== pretraining the vision encoder (the toy stand-in for BLIP-2's pretraining)"

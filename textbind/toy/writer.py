@@ -212,8 +212,8 @@ def toy_utterances(
         taken = 2 if kind == "compare" else 1
         segments.append((kind, singles[:taken]))
         singles = singles[taken:]
-    rng.shuffle(segments)
-    # Keep whole segments while they fit; a chain too long for what is left is cut short.
+    # Keep chains first (longest first: edits are what the toy model needs most), then whole other segments
+    # while they fit; a chain too long for what is left is cut short. Then the kept ones come in any order.
     kept, budget = [], max_images
     for kind, indices in segments:
         if budget <= 0:
@@ -222,6 +222,7 @@ def toy_utterances(
             continue
         kept.append((kind, indices[:budget]))
         budget -= len(indices[:budget])
+    rng.shuffle(kept)
 
     for kind, indices in kept:
         first = scenes[indices[0]]
@@ -247,6 +248,8 @@ def toy_utterances(
             dialogue.edit_turns(conversation, instruction, scenes[index])
         if kind in ("draw", "chain") and rng.random() < 0.2:  # ask about what was just drawn
             dialogue.followup_question_turns(conversation)
+    if len(utterances) < 3:  # one exchange is too short a conversation: ask about the latest image
+        dialogue.followup_question_turns(conversation)
     return utterances, tuple(conversation.kinds)
 
 
