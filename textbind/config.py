@@ -49,7 +49,7 @@ class ModelConfig:
     num_query_tokens: int = 32
     trainable: list[str] = field(default_factory=lambda: ["query_tokens", "qformer", "qformer_projection"])
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention (BlockMask for branches/packing; GPU)
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -60,6 +60,9 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.num_query_tokens <= 0:
             raise ConfigError("model.num_query_tokens must be positive")
+        if self.attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            raise ConfigError(f"model.attn_implementation must be sdpa, eager or flex_attention, "
+                              f"got {self.attn_implementation!r}")
 
 
 @dataclass
@@ -77,8 +80,13 @@ class DataConfig:
     shuffle_buffer: int = 1000
     on_bad_record: str = "skip"  # skip | error
     system_prompt: str = ""
+    # tokens per packed row; 0: off (one right-padded row per sample). A micro-batch keeps micro_batch_size
+    # samples, packed first-fit into as few rows as fit; a sample longer than a row is truncated to fit.
+    pack_length: int = 0
 
     def validate(self) -> None:
+        if self.pack_length and self.pack_length < 8:
+            raise ConfigError(f"data.pack_length must be 0 (off) or at least 8, got {self.pack_length}")
         if self.stage not in (1, 2):
             raise ConfigError(f"data.stage must be 1 or 2, got {self.stage}")
         if self.on_bad_record not in ("skip", "error"):

@@ -138,6 +138,9 @@ def load_qformer(path: str, num_heads: int = 0) -> tuple[Blip2QFormerModel, torc
 
 def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBundle:
     """Assemble the model from the local paths in `config`, load trained modules, choose what trains."""
+    # imported here: it registers the flex dispatcher with transformers and needs the data layer's mask rule
+    from textbind.model.attention import language_model_attention
+
     dtype = DTYPES[config.dtype]
     tokenizer = load_tokenizer(str(_require(config.language_model, "language_model")))
     image_processor = AutoImageProcessor.from_pretrained(
@@ -148,7 +151,8 @@ def build_model(config: ModelConfig, *, load_checkpoint: bool = True) -> ModelBu
     )
     qformer, query_tokens = load_qformer(config.qformer, config.qformer_num_heads)
     language_model = AutoModelForCausalLM.from_pretrained(
-        config.language_model, dtype=dtype, attn_implementation=config.attn_implementation, local_files_only=True
+        config.language_model, dtype=dtype, attn_implementation=language_model_attention(config.attn_implementation),
+        local_files_only=True,
     )
     resize_embeddings_for_special_tokens(language_model, len(tokenizer))
     model = MIMModel(
