@@ -11,7 +11,7 @@ import torch
 from textbind.config import MODULE_NAMES
 from textbind.data.collate import allowed_attention, attention_mask_for, collate
 from textbind.data.conversation import load_conversations
-from textbind.data.packing import collate_packed, encode_within, first_fit, prepare_packable_sample
+from textbind.data.packing import collate_packed, encode_within, first_fit, pack_rows, prepare_packable_sample
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder
 from textbind.data.streams import Stage1Source, Stage2Source, StreamLoader, StreamPosition, TrainStream
@@ -140,12 +140,18 @@ def test_chunked_mask_equals_the_dense_rule(trainable, samples):
     assert not (allowed & ~same_sample).any()
 
 
-def test_first_fit_rows_stay_within_the_pack_length():
+def test_rows_stay_within_the_pack_length_and_are_balanced():
     lengths = [90, 10, 50, 50, 70, 30, 100, 5]
     rows = first_fit(lengths, 100)
     assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
     assert all(sum(lengths[index] for index in row) <= 100 for row in rows)
     assert len(rows) == 5 and rows == first_fit(lengths, 100)  # 405 tokens: 5 rows is the least
+    # one full row and a ragged one become two even rows (less padding), still within the limit
+    lengths = [300, 280, 250, 90, 60, 40, 20]
+    assert [sum(lengths[i] for i in row) for row in first_fit(lengths, 800)] == [790, 250]
+    balanced = pack_rows(lengths, 800)
+    assert sorted(sum(lengths[i] for i in row) for row in balanced) == [510, 530]
+    assert sorted(index for row in balanced for index in row) == list(range(len(lengths)))
 
 
 def test_a_sample_longer_than_a_row_is_cut_to_fit_never_inside_an_image(trainable, image_dir):

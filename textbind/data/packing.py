@@ -2,8 +2,8 @@
 
 `data.pack_length` > 0 turns packing on. A micro-batch still holds `train.micro_batch_size` samples, so the
 global batch, the epochs and the schedule count samples exactly as without packing; packing only changes
-how those samples are laid out: first-fit (longest first) into as few rows of at most `pack_length`
-tokens as they fit, instead of one right-padded row each.
+how those samples are laid out: into as few rows of at most `pack_length` tokens as first-fit (longest
+first) needs, balanced across those rows, instead of one right-padded row each.
 
 Why the buffer is the micro-batch: the samples packed together are exactly the samples the unpacked stream
 would have put in that micro-batch, so no sample is ever held back across micro-batches and the stream's
@@ -73,14 +73,34 @@ def first_fit(lengths: list[int], pack_length: int) -> list[list[int]]:
     return rows
 
 
+def pack_rows(lengths: list[int], pack_length: int) -> list[list[int]]:
+    """Sample indices per row: as few rows as first-fit needs, balanced so that little padding remains.
+
+    First-fit decides the number of rows r; then each sample, longest first, goes to the shortest of r
+    rows (ties: the lower row). The rows are right-padded to the longest, so balancing them removes
+    the padding a full first row and a ragged last row would leave. When balancing would overflow a
+    row, the first-fit rows are kept. Deterministic: a function of the lengths alone.
+    """
+    rows = first_fit(lengths, pack_length)
+    if len(rows) == 1:
+        return rows
+    balanced: list[list[int]] = [[] for _ in rows]
+    filled = [0] * len(rows)
+    for index in sorted(range(len(lengths)), key=lambda index: (-lengths[index], index)):
+        row = min(range(len(rows)), key=lambda row: (filled[row], row))
+        balanced[row].append(index)
+        filled[row] += lengths[index]
+    return balanced if max(filled) <= max(pack_length, max(lengths)) else rows
+
+
 def collate_packed(samples: list[tuple[EncodedConversation, torch.Tensor]], pad_token_id: int, pack_length: int,
                    num_skipped: int = 0) -> Batch:
     """(encoded, pixel_values) pairs packed into rows of at most `pack_length` tokens, one Batch.
 
-    Rows are right-padded to the longest row. Within a row, samples sit in the order first_fit placed
-    them; `sources` keeps the order the samples came in.
+    Rows (pack_rows) are right-padded to the longest row. Within a row, samples sit in the order they
+    were placed, longest first; `sources` keeps the order the samples came in.
     """
-    rows = first_fit([len(encoded) for encoded, _ in samples], pack_length)
+    rows = pack_rows([len(encoded) for encoded, _ in samples], pack_length)
     length = max(sum(len(samples[index][0]) for index in row) for row in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
