@@ -231,18 +231,18 @@ def fingerprint(batch):
     return batch.sources, batch.input_ids.tolist(), batch.sample_ids.tolist(), batch.pixel_values.sum().item()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_packed_streams_resume_exactly(bundle, sources, stage):
+@pytest.mark.parametrize(("stage", "workers"), [(1, 0), (2, 0), (1, 2)])
+def test_packed_streams_resume_exactly(bundle, sources, stage, workers):
     source = sources[stage]
-    unpacked = StreamLoader(packed_stream(bundle, source, 0), 0)
-    packed = StreamLoader(packed_stream(bundle, source, 512), 0)
+    unpacked = StreamLoader(packed_stream(bundle, source, 0, workers=workers), workers)
+    packed = StreamLoader(packed_stream(bundle, source, 512, workers=workers), workers)
     reference = [next(packed) for _ in range(6)]
     # the packed stream holds the very samples of the padded one, in fewer rows
     assert [b.sources for b in reference] == [next(unpacked).sources for _ in range(6)]
     assert all(b.is_packed and b.input_ids.shape[0] < b.num_samples for b in reference)
-    first = StreamLoader(packed_stream(bundle, source, 512), 0)
+    first = StreamLoader(packed_stream(bundle, source, 512, workers=workers), workers)
     for _ in range(3):
         next(first)
     saved = StreamPosition.from_dict(json.loads(json.dumps(first.position.to_dict())))
-    resumed = StreamLoader(packed_stream(bundle, source, 512, position=saved), 0)
+    resumed = StreamLoader(packed_stream(bundle, source, 512, position=saved, workers=workers), workers)
     assert [fingerprint(next(resumed)) for _ in range(3)] == [fingerprint(b) for b in reference[3:]]

@@ -9,8 +9,8 @@ here under FLEX_IMPLEMENTATION, a dispatcher through transformers' own extension
     by blocks, no (L, L) mask in memory;
   - a plain batch (one sample per row, no branch) keeps its (B, L) padding mask and goes to
     transformers' sdpa (which picks the flash kernel on a GPU when nothing is padded).
-transformers' stock "flex_attention" implementation is not used: it compiles one flex kernel for
-every shape and routes 2-D masks through flex too.
+transformers' stock "flex_attention" implementation is not used: it would send plain batches through
+flex as well (their 2-D masks become BlockMasks) and compile on the CPU too.
 
 On CUDA the flex kernel and the BlockMask construction are compiled (dynamic=False) and batches are
 padded to a multiple of FLEX_BLOCK tokens, so there is one compilation per shape bucket
