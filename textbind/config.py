@@ -80,9 +80,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     on_bad_record: str = "skip"  # skip | error
     system_prompt: str = ""
-    # tokens per packed row; 0: off (one right-padded row per sample). A micro-batch keeps micro_batch_size
-    # samples, packed first-fit into as few rows as fit; a sample longer than a row is truncated to fit.
-    pack_length: int = 0
+    # A micro-batch keeps micro_batch_size samples, laid out in as few rows as first-fit needs, balanced;
+    # a sample longer than a row is truncated to fit (see textbind/data/packing.py).
+    pack_length: int = 0  # tokens per packed row; 0: off (one right-padded row per sample)
 
     def validate(self) -> None:
         if self.pack_length and self.pack_length < 8:
