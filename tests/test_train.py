@@ -141,11 +141,14 @@ def test_both_stages_through_the_scripts(tiny_paths, data, tmp_path):
     assert validation["val_loss"] < losses[0] - 0.5, (validation, losses)
 
 
-def test_resume_is_exact(tiny_paths, data, tmp_path):
-    """SIGKILLed from outside after a checkpoint, resumed: every step matches an uninterrupted run."""
+@pytest.mark.parametrize("pack_length", [0, 600])
+def test_resume_is_exact(tiny_paths, data, tmp_path, pack_length):
+    """SIGKILLed from outside after a checkpoint, resumed: every step matches an uninterrupted run (padded rows,
+    and packed rows: two samples of up to 256 tokens + branches share one 600-token row)."""
     common = ["--config", "configs/train/first_stage.yaml", *tiny_overrides(tiny_paths), *FAST,
               f"data.train_path={data['stage1']}", "data.num_workers=2", "train.micro_batch_size=2",
-              "train.global_batch_size=4", "train.max_steps=6", "train.save_every=2", "optim.warmup_steps=2"]
+              "train.global_batch_size=4", "train.max_steps=6", "train.save_every=2", "optim.warmup_steps=2",
+              f"data.pack_length={pack_length}"]
     train = [sys.executable, "-m", "textbind", "train"]
     run([*train, *common, f"train.output_dir={tmp_path / 'straight'}"], {})
     killed_at = run_until_checkpoint([*train, *common, f"train.output_dir={tmp_path / 'resumed'}"], {},

@@ -55,7 +55,7 @@ class ModelConfig:
     template: str = "llama2"  # conversation markup: llama2 (Llama-2 chat) | chat_template (the tokenizer's own)
     trainable: list[str] = field(default_factory=lambda: ["query_tokens", "qformer", "qformer_projection"])
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
-    attn_implementation: str = "sdpa"  # the language model's attention: sdpa | eager | flex_attention
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention (BlockMask for branches/packing; GPU)
     gradient_checkpointing: bool = False  # recompute the language model's activations in backward (memory)
     quantize: str | None = None  # 4bit | 8bit: load the language model quantized for inference (CUDA + bitsandbytes)
 
@@ -73,6 +73,9 @@ class ModelConfig:
             raise ConfigError("model.qformer_num_heads must be positive (or null)")
         if self.template not in TEMPLATES:
             raise ConfigError(f"model.template must be one of {list(TEMPLATES)}, got {self.template!r}")
+        if self.attn_implementation not in ("sdpa", "eager", "flex_attention"):
+            raise ConfigError(f"model.attn_implementation must be sdpa, eager or flex_attention, "
+                              f"got {self.attn_implementation!r}")
 
 
 @dataclass
@@ -88,8 +91,13 @@ class DataConfig:
     samples_per_epoch: int | None = None  # an epoch is this many samples (null: one pass over the data)
     num_workers: int = 2  # data-loader worker processes per rank (0: load in the training process)
     on_bad_record: str = "skip"  # skip | error
+    # A micro-batch keeps micro_batch_size samples, laid out in as few rows as first-fit needs, balanced;
+    # a sample longer than a row is truncated to fit (see textbind/data/packing.py).
+    pack_length: int = 0  # tokens per packed row; 0: off (one right-padded row per sample)
 
     def validate(self) -> None:
+        if self.pack_length and self.pack_length < 8:
+            raise ConfigError(f"data.pack_length must be 0 (off) or at least 8, got {self.pack_length}")
         if self.stage not in (1, 2):
             raise ConfigError(f"data.stage must be 1 or 2, got {self.stage}")
         if self.on_bad_record not in ("skip", "error"):

@@ -29,7 +29,7 @@ from textbind.checkpoint import export_trained, load_resumable, resolve_resume, 
 from textbind.config import RunConfig, config_help, config_to_dict, load_config, save_config
 from textbind.data.sequence import ConversationEncoder
 from textbind.data.streams import StreamLoader, StreamPosition, TrainStream, build_train_source
-from textbind.loss import compute_loss
+from textbind.loss import compute_loss, scale_for_backward, step_target_tokens
 from textbind.model.builder import build_model
 from textbind.model.mim import MIMModel
 from textbind.optim import cosine_schedule, lr_groups
@@ -230,6 +230,7 @@ def setup_run(config: RunConfig, rank: int, world_size: int, device: torch.devic
     stream = TrainStream(
         source, encoder, bundle.image_processor, micro_batch_size=plan.micro_batch_size, seed=config.train.seed,
         rank=rank, world_size=world_size, num_workers=config.data.num_workers, position=position,
+        pack_length=config.data.pack_length,
     )
     return RunState(
         config=config, plan=plan, rank=rank, world_size=world_size, model=model, engine=engine,
@@ -260,29 +261,33 @@ def train_loop(run: RunState) -> Path:
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
     try:
         while step < plan.total_steps:
-            loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of micro-batch losses, micro-batches)
-            for _ in range(plan.gradient_accumulation):
-                batch = next(loader)
-                output = compute_loss(engine, batch)
-                engine.backward(output.loss)
+            # The step's loss is the mean over all its supervised tokens (every micro-batch, every rank), so the
+            # token count must be known before the first backward: fetch the step's micro-batches first.
+            batches = [next(loader) for _ in range(plan.gradient_accumulation)]
+            step_tokens = step_target_tokens(batches)
+            loss_sum = 0.0  # summed token losses of this rank
+            for batch in batches:
+                output = compute_loss(engine, batch, reduction="sum")
+                scaled = scale_for_backward(output.loss, step_tokens, run.world_size, plan.gradient_accumulation)
+                engine.backward(scaled)
                 engine.step()
-                loss_sum += torch.tensor([float(output.loss.detach()), 1.0], dtype=torch.float64)
+                loss_sum += float(output.loss.detach())
                 window_samples += batch.num_samples
                 window_tokens += batch.num_tokens
                 if samples_log is not None:
                     samples_log.write(json.dumps({"step": step + 1, "sources": list(batch.sources)}) + "\n")
             step += 1
-            totals = torch.tensor([loss_sum[0], loss_sum[1], window_samples, window_tokens,
-                                   loader.position.skipped], dtype=torch.float64)
+            totals = torch.tensor([loss_sum, window_samples, window_tokens, loader.position.skipped],
+                                  dtype=torch.float64)
             dist.all_reduce(totals)
             elapsed = time.perf_counter() - window_start
             values = {
                 "step": step,
-                "loss": float(totals[0] / totals[1]),
+                "loss": float(totals[0]) / max(step_tokens, 1),
                 "lr": run.scheduler.get_last_lr()[0],
-                "samples_per_second": float(totals[2]) / elapsed,
-                "tokens_per_second": float(totals[3]) / elapsed,
-                "skipped_samples": int(totals[4]),
+                "samples_per_second": float(totals[1]) / elapsed,
+                "tokens_per_second": float(totals[2]) / elapsed,
+                "skipped_samples": int(totals[3]),
             }
             run.metrics.log(values)
             progress.update(1)

@@ -33,6 +33,7 @@ from webdataset import gopen
 from textbind import IMAGE_TOKEN
 from textbind.data.collate import Batch, collate
 from textbind.data.conversation import Conversation, DataError, Turn
+from textbind.data.packing import collate_packed, prepare_packable_sample
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder, EncodedConversation
 
@@ -334,8 +335,12 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         position: StreamPosition | None = None,
+        pack_length: int = 0,
     ) -> None:
         self.source = source
+        # > 0: each micro-batch's samples are packed into rows of this many tokens (textbind.data.packing);
+        # the samples and the position are those of the unpacked stream, so resuming is unchanged.
+        self.pack_length = pack_length
         self.encoder = encoder
         self.image_processor = image_processor
         self.micro_batch_size = micro_batch_size
@@ -352,6 +357,8 @@ class TrainStream(IterableDataset):
 
     def _build(self, item: Any) -> tuple[EncodedConversation, torch.Tensor]:
         conversation = self.source.to_conversation(item, self.seed)
+        if self.pack_length:
+            return prepare_packable_sample(conversation, self.encoder, self.image_processor, self.pack_length)
         return prepare_sample(conversation, self.encoder, self.image_processor)
 
     def _raw_stream(self, worker: int, cursor: dict[str, Any]) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -385,7 +392,10 @@ class TrainStream(IterableDataset):
                 except DataError as error:
                     skipped += 1
                     logger.warning("skipped: %s", error)
-            batch = collate(samples, self.encoder.tokenizer.pad_token_id, num_skipped=skipped)
+            if self.pack_length:
+                batch = collate_packed(samples, self.encoder.tokenizer.pad_token_id, self.pack_length, skipped)
+            else:
+                batch = collate(samples, self.encoder.tokenizer.pad_token_id, num_skipped=skipped)
             yield TaggedBatch(batch, worker, cursor)
 
 

@@ -198,6 +198,9 @@ class _Parts:
 
 
 def _load_separate_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Parts:
+    # imported here: it registers the flex dispatcher with transformers and needs the data layer's mask rule
+    from textbind.model.attention import language_model_attention
+
     tokenizer = load_tokenizer(config.language_model)
     image_processor = from_pretrained(AutoImageProcessor, config.processor, "processor")
     vision_model = from_pretrained(Blip2VisionModel, config.vision_model, "vision_model", dtype=dtype)
@@ -205,13 +208,15 @@ def _load_separate_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> 
     quantized = {} if bits is None else {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
     language_model = from_pretrained(
         AutoModelForCausalLM, config.language_model, "language_model",
-        dtype=dtype, attn_implementation=config.attn_implementation, **quantized,
+        dtype=dtype, attn_implementation=language_model_attention(config.attn_implementation), **quantized,
     )
     return _Parts(tokenizer, image_processor, vision_model, qformer, query_tokens, language_model)
 
 
 def _load_blip2_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Parts:
     """The parts of a transformers `Blip2ForConditionalGeneration` (our export, or any BLIP-2 with a causal LM)."""
+    from textbind.model.attention import language_model_attention
+
     if bits is not None:
         raise ConfigError("quantized loading (model.quantize / train.quantize) does not take model.pretrained yet: "
                           "give the parts' paths instead")
@@ -230,7 +235,7 @@ def _load_blip2_parts(config: ModelConfig, dtype: torch.dtype, bits: Any) -> _Pa
             f"is not the tokenizer's {IMAGE_TOKEN} ({image_token_id})"
         )
     language_model = blip2.language_model
-    language_model.set_attn_implementation(config.attn_implementation)
+    language_model.set_attn_implementation(language_model_attention(config.attn_implementation))
     return _Parts(
         tokenizer, image_processor, blip2.vision_model, blip2.qformer, blip2.query_tokens.data, language_model,
         projection=blip2.language_projection,

@@ -146,6 +146,7 @@ class MIMModel(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         logits_to_keep: int = 0,  # > 0: logits of the last k positions only (decoding needs one)
+        loss_reduction: str = "mean",  # "mean" over supervised tokens, or "sum" (the caller divides)
     ) -> MIMOutput:
         if pixel_values is not None and image_embeds is None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values)
@@ -177,7 +178,7 @@ class MIMModel(nn.Module):
             if num_target_tokens == 0:
                 loss = selected_logits.sum() * 0.0
             else:
-                loss = F.cross_entropy(selected_logits.float(), targets[labelled], reduction="mean")
+                loss = F.cross_entropy(selected_logits.float(), targets[labelled], reduction=loss_reduction)
         return MIMOutput(
             loss=loss,
             logits=logits,
