@@ -148,7 +148,7 @@ def toy_stream_batches(bundle, source, max_length: int, micro_batch: int, pack_l
 def packing_comparison(bundle, model, args, directory: Path) -> dict[str, float]:
     model.set_trainable(TOY_TRAINABLE)
     stage1 = Stage1Source(write_stage1_shards(directory / "stage1", num_samples=16 * (args.packing_steps + 1),
-                                              samples_per_shard=64, seed=0), shuffle_buffer=64)
+                                              samples_per_shard=64, seed=0))
     write_stage2_json(directory / "stage2.json", directory / "images", num_conversations=8 * (args.packing_steps + 1),
                       seed=0)
     stage2 = Stage2Source([load_conversations(directory / "stage2.json").conversations])

@@ -217,7 +217,7 @@ def sources(tmp_path_factory):
     out = tmp_path_factory.mktemp("packing-data")
     shards = write_stage1_shards(out / "shards", num_samples=24, samples_per_shard=6, seed=0)
     write_stage2_json(out / "train.json", out / "images", num_conversations=16, seed=0)
-    return {1: Stage1Source(shards, shuffle_buffer=4), 2: Stage2Source([load_conversations(out / "train.json")
+    return {1: Stage1Source(shards), 2: Stage2Source([load_conversations(out / "train.json")
                                                                          .conversations])}
 
 
