@@ -96,3 +96,19 @@ def test_qlora_step_on_the_gpu(model_config, image_dir, bits):
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None for n, p in bundle.model.language_model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_inference_on_the_gpu(model_config, image_dir, bits):
+    """model.quantize: the generator (inference, demo, server, evaluation) runs a 4- or 8-bit language model."""
+    pytest.importorskip("bitsandbytes")
+    from textbind.runtime import GeneratorSetup, build_generator
+
+    generator = build_generator(GeneratorSetup(model=replace(model_config, quantize=bits, dtype="bfloat16"),
+                                               device="cuda"))
+    conversation = one_output_image(image_dir)
+    conversation.turns = conversation.turns[:1]
+    done = generator.generate(conversation)
+    assert done.token_ids and done.finish_reason in ("stop", "length", "image_limit")
