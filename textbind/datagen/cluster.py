@@ -27,7 +27,8 @@ from textbind.data.conversation import DataError
 from textbind.datagen.config import ClusterConfig, DatagenConfig, config_from_arguments, step_parser
 from textbind.datagen.embed import SourceEmbeddings, embed_pairs
 from textbind.datagen.pairs import Pair
-from textbind.datagen.report import read_jsonl, update_report, write_json, write_jsonl
+from textbind.datagen.report import read_jsonl, update_report
+from textbind.io import atomic_write_json, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +135,10 @@ def cluster_pairs(pairs: list[Pair], vectors: np.ndarray, config: ClusterConfig,
 
 def write_clustering(output_dir: str, clustering: Clustering) -> None:
     directory = Path(output_dir)
-    write_jsonl(directory / MEMBERS_NAME, (
+    atomic_write_jsonl(directory / MEMBERS_NAME, (
         {**asdict(pair), "cluster": index} for index, members in enumerate(clustering.clusters) for pair in members))
-    write_jsonl(directory / DUPLICATES_NAME, clustering.duplicates)
-    write_json(directory / CLUSTERS_NAME, clustering.summary)
+    atomic_write_jsonl(directory / DUPLICATES_NAME, clustering.duplicates)
+    atomic_write_json(directory / CLUSTERS_NAME, clustering.summary)
 
 
 def read_clusters(output_dir: str) -> list[list[Pair]]:

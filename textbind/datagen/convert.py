@@ -25,7 +25,7 @@ from textbind.data.formats import (  # noqa: F401  (DESCRIBE_PROMPTS: part of th
     convert_llava_record,
 )
 from textbind.data.formats import read_records as _read_records
-from textbind.datagen.filters import write_json
+from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("skipped %s", message)
     out = Path(arguments.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, records)
+    atomic_write_json(out, records)
     print(f"wrote {len(records)} conversations to {out}; skipped {len(errors)}")
     return 0
 

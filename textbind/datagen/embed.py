@@ -30,7 +30,8 @@ from tqdm import tqdm
 from textbind.data.conversation import DataError
 from textbind.datagen.config import DatagenConfig, EmbedConfig, config_from_arguments, step_parser
 from textbind.datagen.pairs import Pair, PairItem, ReadReport, Source, list_sources, load_image, read_source
-from textbind.datagen.report import update_report, write_json
+from textbind.datagen.report import update_report
+from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def embed_pairs(config: DatagenConfig) -> list[SourceEmbeddings]:
             temporary = vectors_path.with_name(vectors_path.stem + ".tmp.npy")
             np.save(temporary, vectors)
             os.replace(temporary, vectors_path)
-            write_json(metadata_path, {"source": source.path, "encoder": encoder.signature,
+            atomic_write_json(metadata_path, {"source": source.path, "encoder": encoder.signature,
                                        "pairs": [asdict(pair) for pair in pairs], "report": report.to_dict()})
             results.append(SourceEmbeddings(source, pairs, vectors, report))
     if progress is not None:

@@ -26,9 +26,10 @@ from PIL import Image
 from textbind import END_TOKEN, IMAGE_TOKEN, START_TOKEN
 from textbind.config import ConfigError, load_config
 from textbind.data.conversation import DataError, parse_record, validate_conversation
-from textbind.datagen.filters import IMAGE_SPAN, write_json
+from textbind.datagen.filters import IMAGE_SPAN
 from textbind.datagen.images import pad_to_square, save_image_atomically
 from textbind.datagen.stats import conversation_stats
+from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def export_records(records: list[dict], out_dir: str | os.PathLike, config: Expo
         exported.append(stage2)
     splits = split_records(exported, config)
     for name in SPLITS:
-        write_json(out / f"{name}.json", splits[name], indent=None)
+        atomic_write_json(out / f"{name}.json", splits[name], indent=None)
     stats = {
         **conversation_stats(exported),
         "splits": {name: len(splits[name]) for name in SPLITS},
@@ -225,7 +226,7 @@ def export_records(records: list[dict], out_dir: str | os.PathLike, config: Expo
         "images_reused": store.reused if store else 0,
         "config": vars(config),
     }
-    write_json(out / "stats.json", stats)
+    atomic_write_json(out / "stats.json", stats)
     return stats
 
 

@@ -24,8 +24,8 @@ import httpx
 from PIL import Image
 from tqdm import tqdm
 
-from textbind.datagen.filters import write_json
 from textbind.datagen.images import pad_to_square, save_image_atomically
+from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -191,9 +191,9 @@ def fetch_images(input_path: str | Path, out_dir: str | Path, config: FetchConfi
         names = sorted(dead.intersection(names_by_record.get(index, [])))
         report.unusable_records.append({"record": index, "id": record.get("id") if isinstance(record, dict) else None,
                                         "images": names})
-    write_json(out / "fetch_report.json", {"input": str(path), **report.to_dict()})
+    atomic_write_json(out / "fetch_report.json", {"input": str(path), **report.to_dict()})
     if usable_out is not None:
-        write_json(Path(usable_out), [record for index, record in enumerate(records) if index not in unusable])
+        atomic_write_json(Path(usable_out), [record for index, record in enumerate(records) if index not in unusable])
     return report
 
 

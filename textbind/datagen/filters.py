@@ -23,6 +23,7 @@ from typing import Any
 from rapidfuzz.distance import Levenshtein
 
 from textbind.config import ConfigError, load_config
+from textbind.io import atomic_write_json, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -326,24 +327,6 @@ def read_raw_lines(path: Path, record_filter: RecordFilter) -> Iterable[tuple[An
             yield record, source, None
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as file:
-        for record in records:
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-
-
-def write_json(path: Path, value: Any, indent: int | None = 2) -> None:
-    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file.
-
-    `indent=None` writes compact JSON with the C encoder, several times faster for large data files.
-    """
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def filter_file(input_path: str | os.PathLike, out_dir: str | os.PathLike,
                 config: FilterConfig | None = None) -> FilterResult:
     """Filter raw.jsonl into out_dir/filtered.jsonl, rejected.jsonl and filter_report.json."""
@@ -361,9 +344,9 @@ def filter_file(input_path: str | os.PathLike, out_dir: str | os.PathLike,
     report = {"input_path": str(path), **record_filter.report()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "filtered.jsonl", kept)
-    _write_jsonl(out / "rejected.jsonl", rejected)
-    write_json(out / "filter_report.json", report)
+    atomic_write_jsonl(out / "filtered.jsonl", kept)
+    atomic_write_jsonl(out / "rejected.jsonl", rejected)
+    atomic_write_json(out / "filter_report.json", report)
     return FilterResult(kept, rejected, report)
 
 

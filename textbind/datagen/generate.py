@@ -46,9 +46,10 @@ from textbind.datagen.config import (
 )
 from textbind.datagen.pairs import materialize_images
 from textbind.datagen.prompt import PromptBuilder
-from textbind.datagen.report import update_report, write_jsonl
+from textbind.datagen.report import update_report
 from textbind.datagen.sample import PlannedConversation, SamplePlan, plan_conversations
 from textbind.datagen.seeding import stable_seed
+from textbind.io import atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -371,9 +372,9 @@ def run_generate(config: DatagenConfig, api_key: str | None = None) -> dict:
                         if journal.entries.get(request.hash, {}).get("finish_reason") == "length")
     finally:
         journal.close()
-    write_jsonl(output_dir / RAW_NAME, records)
+    atomic_write_jsonl(output_dir / RAW_NAME, records)
     order = {request.id: index for index, request in enumerate(requests)}
-    write_jsonl(output_dir / FAILED_NAME, sorted(outcome.failures, key=lambda failure: order[failure["id"]]))
+    atomic_write_jsonl(output_dir / FAILED_NAME, sorted(outcome.failures, key=lambda failure: order[failure["id"]]))
     failure_reasons: dict[str, int] = {}
     for failure in outcome.failures:
         failure_reasons[failure["reason"]] = failure_reasons.get(failure["reason"], 0) + 1
@@ -409,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                          "Sample images per conversation and ask the LLM (resumable: rerun the same command).")
     config = config_from_arguments(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
     try:
         report = run_generate(config)
     except (FatalLLMError, DataError) as error:

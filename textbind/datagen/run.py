@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated steps to run, in the engine's order (default: {','.join(STEPS)})")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress bar
     steps = tuple(step.strip() for step in arguments.steps.split(",") if step.strip())
     unknown = [step for step in steps if step not in STEPS]
     if unknown:

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from textbind.data.conversation import Conversation, DataError
 from textbind.generation import GenerationConfig
+from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +98,6 @@ def safe_name(item_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", item_id)
 
 
-def write_json_atomically(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(data, file, ensure_ascii=False, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """The records of a predictions file by item id. A torn last line (the run was killed while writing
     it) is cut off the file; a bad line elsewhere is an error naming it."""
@@ -156,7 +144,7 @@ def _check_run_settings(directory: Path, settings: dict[str, Any], restart: bool
                 f"{predictions} was made with other settings ({', '.join(changed)} differ); "
                 "use another output directory, or --restart to discard those predictions"
             )
-    write_json_atomically(settings, run_file)
+    atomic_write_json(run_file, settings)
 
 
 def answer_item(generator: Any, item: EvalItem, config: GenerationConfig, directory: Path) -> dict[str, Any]:
@@ -261,7 +249,7 @@ def write_report(benchmark: Benchmark, records: list[dict[str, Any]], directory:
         "item_scores": scores.item_scores,
         "settings": json.loads(json.dumps(settings, default=str)),
     }
-    write_json_atomically(report, directory / REPORT_FILE)
+    atomic_write_json(directory / REPORT_FILE, report)
     logger.info("%s: wrote %s", benchmark.name, directory / REPORT_FILE)
     return report
 

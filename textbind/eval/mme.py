@@ -25,8 +25,9 @@ from typing import Any
 
 from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.eval.config import EvalConfig
-from textbind.eval.harness import EvalItem, Metric, Scores, write_json_atomically
+from textbind.eval.harness import EvalItem, Metric, Scores
 from textbind.generation import GenerationConfig
+from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def score_results(results_dir: str | Path) -> dict[str, Any]:
         missing = [name for name in names if name not in subtasks]
         if missing:
             table.setdefault("missing_subtasks", []).extend(missing)
-    write_json_atomically(table, results / SCORE_FILE)
+    atomic_write_json(results / SCORE_FILE, table)
     return table
 
 

@@ -32,6 +32,7 @@ import webdataset
 from PIL import Image
 from tqdm import tqdm
 
+from textbind.io import atomic_open, atomic_write_jsonl, atomic_write_text
 from textbind.toy import dialogue
 from textbind.toy.dialogue import Conversation
 from textbind.toy.world import (
@@ -76,12 +77,8 @@ def encode_image(image: Image.Image, extension: str = "png") -> bytes:
 
 
 def _write_json_list(path: Path, records: Sequence[object]) -> None:
-    """Write ``records`` as a JSON list, one record per line, atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write("[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n")
-    os.replace(temporary, path)
+    """Write ``records`` as a JSON list, one record per line, atomically."""
+    atomic_write_text(path, "[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +114,8 @@ def write_stage1_shards(
     bar = tqdm(total=num_samples, desc="stage-1 shards", unit="sample", disable=not progress)
     for shard_index in range(num_shards):
         path = directory / f"{shard_index:05d}.tar"
-        temporary = path.with_name(path.name + ".tmp")
         first, last = shard_index * samples_per_shard, min(num_samples, (shard_index + 1) * samples_per_shard)
-        with webdataset.TarWriter(str(temporary), encoder=False, mtime=0) as writer:
+        with atomic_open(path, "wb") as stream, webdataset.TarWriter(stream, encoder=False, mtime=0) as writer:
             for sample_index in range(first, last):
                 scene = random_scene(rng)
                 text = caption(scene)
@@ -136,7 +132,6 @@ def write_stage1_shards(
                     }
                 )
                 bar.update(1)
-        os.replace(temporary, path)
     bar.close()
     return f"{directory}/{{00000..{num_shards - 1:05d}}}.tar"
 
@@ -363,10 +358,7 @@ def write_pairs(
             bar.update(1)
     bar.close()
     path = directory / "pairs.jsonl"
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.writelines(json.dumps(record) + "\n" for record in records)
-    os.replace(temporary, path)
+    atomic_write_jsonl(path, records)
     return path
 
 

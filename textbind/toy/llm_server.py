@@ -48,6 +48,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from textbind.io import atomic_write_text
 from textbind.toy.writer import DEFAULT_FAULTY_SHARE, DEFAULT_MAX_IMAGES, PromptError, answer_request, request_hash
 
 DEFAULT_MODEL = "toy-writer"
@@ -273,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             await asyncio.sleep(0.02)
         if server.started:
             if arguments.port_file is not None:
-                temporary = arguments.port_file.with_name(arguments.port_file.name + ".tmp")
-                temporary.write_text(f"{port}\n")
-                os.replace(temporary, arguments.port_file)
+                atomic_write_text(arguments.port_file, f"{port}\n")
             print(f"listening on http://{arguments.host}:{port}/v1", flush=True)
         await task
 
