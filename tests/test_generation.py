@@ -17,8 +17,8 @@ from textbind.data.sequence import ConversationEncoder
 from textbind.generation import (
     FINISH_LENGTH,
     FINISH_STOP,
+    DecodingConfig,
     DoneEvent,
-    GenerationConfig,
     ImageEvent,
     IncrementalDetokenizer,
     InterleavedGenerator,
@@ -170,7 +170,7 @@ def test_trained_model_answers_with_its_image_fed_back(trained, image_dir, green
     decoder = RecordingDecoder(green_image)
     assert isinstance(decoder, ImageDecoder)
     generator = InterleavedGenerator.from_bundle(trained, decoder)
-    done = generator.generate(prompt_of(image_dir), GenerationConfig(max_new_tokens=60, seed=7))
+    done = generator.generate(prompt_of(image_dir), DecodingConfig(max_new_tokens=60, seed=7))
     assert done.finish_reason == FINISH_STOP
     assert done.turn.role == "assistant"
     assert done.turn.content == TRAINED_ANSWER
@@ -186,7 +186,7 @@ def test_cached_logits_equal_a_full_recompute_at_every_step(trained, image_dir, 
     generator = InterleavedGenerator.from_bundle(trained, decoder)
     recorder = LogitsRecorder()
     conv = prompt_of(image_dir)
-    done = generator.generate(conv, GenerationConfig(max_new_tokens=40), logits_processor=recorder)
+    done = generator.generate(conv, DecodingConfig(max_new_tokens=40), logits_processor=recorder)
     _, start_id, end_id = special_ids(trained.tokenizer)
     # The steps cover text, the caption branch, and text after the image (or after the kept caption).
     assert start_id in done.token_ids and end_id in done.token_ids
@@ -198,7 +198,7 @@ def test_cached_logits_equal_a_full_recompute_at_every_step(trained, image_dir, 
 
 def test_events_stream_text_then_image_then_text(trained, image_dir, green_image) -> None:
     generator = InterleavedGenerator.from_bundle(trained, RecordingDecoder(green_image))
-    events = list(generator.stream(prompt_of(image_dir), GenerationConfig(max_new_tokens=60)))
+    events = list(generator.stream(prompt_of(image_dir), DecodingConfig(max_new_tokens=60)))
     assert isinstance(events[-1], DoneEvent)
     assert sum(isinstance(event, DoneEvent) for event in events) == 1
     kinds = "".join("I" if isinstance(event, ImageEvent) else "T" for event in events[:-1])
@@ -212,7 +212,7 @@ def test_events_stream_text_then_image_then_text(trained, image_dir, green_image
 
 
 def test_without_a_decoder_the_caption_is_reported_without_pixels(trained, image_dir) -> None:
-    done = InterleavedGenerator.from_bundle(trained).generate(prompt_of(image_dir), GenerationConfig(max_new_tokens=30))
+    done = InterleavedGenerator.from_bundle(trained).generate(prompt_of(image_dir), DecodingConfig(max_new_tokens=30))
     assert done.turn.caption_list[0] == TRAINED_CAPTION
     assert done.turn.image_list[0] is None
     assert done.turn.content.startswith("A red block. Here is a green one: <image>")
@@ -221,7 +221,7 @@ def test_without_a_decoder_the_caption_is_reported_without_pixels(trained, image
 def test_max_images_zero_suppresses_start(trained, image_dir, green_image) -> None:
     decoder = RecordingDecoder(green_image)
     done = InterleavedGenerator.from_bundle(trained, decoder).generate(
-        prompt_of(image_dir), GenerationConfig(max_new_tokens=30, max_images=0)
+        prompt_of(image_dir), DecodingConfig(max_new_tokens=30, max_images=0)
     )
     _, start_id, _ = special_ids(trained.tokenizer)
     assert start_id not in done.token_ids
@@ -232,7 +232,7 @@ def test_max_images_zero_suppresses_start(trained, image_dir, green_image) -> No
 def test_the_answer_is_the_training_sequence_and_can_be_fed_back(trained, image_dir, green_image) -> None:
     generator = InterleavedGenerator.from_bundle(trained, RecordingDecoder(green_image))
     prompt = prompt_of(image_dir)
-    done = generator.generate(prompt, GenerationConfig(max_new_tokens=60))
+    done = generator.generate(prompt, DecodingConfig(max_new_tokens=60))
     history = Conversation([*prompt.turns, done.turn], image_dir=str(image_dir))
     # What generation left in the context is the main sequence training builds from the finished turn.
     encoder = ConversationEncoder(trained.tokenizer, trained.model.num_query_tokens, max_length=768)
@@ -242,8 +242,8 @@ def test_the_answer_is_the_training_sequence_and_can_be_fed_back(trained, image_
     assert context == training.input_ids[: training.main_length]
 
     follow_up = Conversation([*history.turns, Turn("user", "Make it blue.")], image_dir=str(image_dir))
-    assert generator.generate(follow_up, GenerationConfig(max_new_tokens=3)).token_ids
-    unrendered = InterleavedGenerator.from_bundle(trained).generate_turn(prompt, GenerationConfig(max_new_tokens=30))
+    assert generator.generate(follow_up, DecodingConfig(max_new_tokens=3)).token_ids
+    unrendered = InterleavedGenerator.from_bundle(trained).generate_turn(prompt, DecodingConfig(max_new_tokens=30))
     with pytest.raises(DataError, match="never rendered"):
         generator.generate(Conversation([*prompt.turns, unrendered, Turn("user", "More.")], image_dir=str(image_dir)))
 
@@ -260,7 +260,7 @@ def test_tiny_sdxl_base_and_refiner_render_inside_generation(trained, image_dir,
     generator = InterleavedGenerator.from_bundle(trained, tiny_sdxl_decoder)
     recorder = LogitsRecorder()
     conv = prompt_of(image_dir)
-    done = generator.generate(conv, GenerationConfig(max_new_tokens=24), logits_processor=recorder)
+    done = generator.generate(conv, DecodingConfig(max_new_tokens=24), logits_processor=recorder)
     assert done.turn.caption_list == [TRAINED_CAPTION]
     (image,) = done.turn.image_list
     assert isinstance(image, Image.Image) and image.size == (64, 64) and image.mode == "RGB"
@@ -287,7 +287,7 @@ def test_decoder_is_called_once_per_caption_and_max_images_is_honoured(bundle, i
     decoder = RecordingDecoder(green_image)
     done = InterleavedGenerator.from_bundle(bundle, decoder).generate(
         conversation(("user", "Draw three blocks.")),
-        GenerationConfig(max_new_tokens=len(schedule) + 5, max_images=2, seed=10),
+        DecodingConfig(max_new_tokens=len(schedule) + 5, max_images=2, seed=10),
         logits_processor=forcing(schedule),
     )
     assert decoder.calls == [("a red block", 10), ("blue", 11)]
@@ -307,7 +307,7 @@ def test_long_captions_are_capped_and_budget_ends_inside_a_caption(bundle, green
     generator = InterleavedGenerator.from_bundle(bundle, decoder)
     prompt = conversation(("user", "Draw."))
     done = generator.generate(
-        prompt, GenerationConfig(max_new_tokens=12, max_caption_tokens=3), logits_processor=forcing(schedule)
+        prompt, DecodingConfig(max_new_tokens=12, max_caption_tokens=3), logits_processor=forcing(schedule)
     )
     assert len(decoder.calls) == 1
     assert decoder.calls[0][0] == bundle.tokenizer.decode(words[:3]).strip()
@@ -316,7 +316,7 @@ def test_long_captions_are_capped_and_budget_ends_inside_a_caption(bundle, green
 
     decoder.calls.clear()
     done = generator.generate(
-        prompt, GenerationConfig(max_new_tokens=4, max_caption_tokens=20), logits_processor=forcing([start, *words])
+        prompt, DecodingConfig(max_new_tokens=4, max_caption_tokens=20), logits_processor=forcing([start, *words])
     )
     assert decoder.calls == [(bundle.tokenizer.decode(words[:3]).strip(), 0)]  # rendered as far as it got
     assert done.turn.content == IMAGE_TOKEN and done.finish_reason == FINISH_LENGTH
@@ -331,7 +331,7 @@ def test_forced_images_keep_the_cache_exact(bundle, image_dir, green_image) -> N
     generator = InterleavedGenerator.from_bundle(bundle, RecordingDecoder(green_image))
     done = generator.generate(
         conv,
-        GenerationConfig(max_new_tokens=len(schedule) + 3),
+        DecodingConfig(max_new_tokens=len(schedule) + 3),
         logits_processor=lambda token_ids, logits: forced(token_ids, recorder(token_ids, logits)),
     )
     assert done.token_ids[: len(schedule)] == schedule
@@ -344,14 +344,14 @@ def test_forced_images_keep_the_cache_exact(bundle, image_dir, green_image) -> N
 def test_greedy_is_deterministic(bundle) -> None:
     generator = InterleavedGenerator.from_bundle(bundle)
     prompt = conversation(("user", "Describe a dog on a beach."))
-    config = GenerationConfig(max_new_tokens=16)
+    config = DecodingConfig(max_new_tokens=16)
     assert generator.generate(prompt, config).token_ids == generator.generate(prompt, config).token_ids
 
 
 def test_sampling_is_reproducible_with_a_seed(bundle) -> None:
     generator = InterleavedGenerator.from_bundle(bundle)
     prompt = conversation(("user", "Describe a dog on a beach."))
-    config = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.95, seed=3)
+    config = DecodingConfig(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.95, seed=3)
     first = generator.generate(prompt, config).token_ids
     assert generator.generate(prompt, config).token_ids == first
     assert generator.generate(prompt, replace(config, seed=4)).token_ids != first
@@ -362,15 +362,15 @@ def test_sampling_is_reproducible_with_a_seed(bundle) -> None:
 def test_top_p_and_temperature() -> None:
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).log_softmax(-1)
     generator = torch.Generator().manual_seed(0)
-    nucleus = GenerationConfig(do_sample=True, top_p=0.5)  # the first token alone covers 0.64
+    nucleus = DecodingConfig(do_sample=True, top_p=0.5)  # the first token alone covers 0.64
     assert {int(sample_next_token(logits, nucleus, generator)) for _ in range(50)} == {0}
-    two = GenerationConfig(do_sample=True, top_p=0.8)  # the first two cover 0.87
+    two = DecodingConfig(do_sample=True, top_p=0.8)  # the first two cover 0.87
     assert {int(sample_next_token(logits, two, generator)) for _ in range(200)} == {0, 1}
-    hot = GenerationConfig(do_sample=True, temperature=100.0)
+    hot = DecodingConfig(do_sample=True, temperature=100.0)
     assert {int(sample_next_token(logits, hot, generator)) for _ in range(200)} == {0, 1, 2, 3}
-    assert int(sample_next_token(logits, GenerationConfig())) == 0
+    assert int(sample_next_token(logits, DecodingConfig())) == 0
     with pytest.raises(ValueError):
-        GenerationConfig(top_p=0.0).validate()
+        DecodingConfig(top_p=0.0).validate()
 
 
 # --- Detokenization, limits, assembly --------------------------------------------------------------------
@@ -403,7 +403,7 @@ def test_context_limit_and_long_prompts(bundle) -> None:
     encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens)
     prompt_length = len(encoder.encode(prompt, for_inference=True).input_ids)
     generator = InterleavedGenerator.from_bundle(bundle, max_length=prompt_length + 5)
-    done = generator.generate(prompt, GenerationConfig(max_new_tokens=50, max_images=0))
+    done = generator.generate(prompt, DecodingConfig(max_new_tokens=50, max_images=0))
     assert done.finish_reason == FINISH_LENGTH or done.token_ids[-1] == bundle.tokenizer.eos_token_id
     assert len(done.token_ids) <= 5
     with pytest.raises(DataError, match="max_length"):
@@ -412,7 +412,7 @@ def test_context_limit_and_long_prompts(bundle) -> None:
 
 def test_generation_leaves_grad_mode_alone_between_events(bundle) -> None:
     stream = InterleavedGenerator.from_bundle(bundle).stream(
-        conversation(("user", "Describe a dog.")), GenerationConfig(max_new_tokens=4)
+        conversation(("user", "Describe a dog.")), DecodingConfig(max_new_tokens=4)
     )
     next(stream)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
@@ -429,7 +429,7 @@ def test_generation_on_cuda(trained, image_dir, green_image, dtype) -> None:
     recorder = LogitsRecorder()
     conv = prompt_of(image_dir)
     done = InterleavedGenerator.from_bundle(bundle, decoder).generate(
-        conv, GenerationConfig(max_new_tokens=40, do_sample=True, top_p=0.5, temperature=0.5), logits_processor=recorder
+        conv, DecodingConfig(max_new_tokens=40, do_sample=True, top_p=0.5, temperature=0.5), logits_processor=recorder
     )
     assert all(logits.device.type == "cuda" and logits.dtype == dtype for _, logits in recorder.steps)
     assert done.turn.caption_list == [TRAINED_CAPTION] and decoder.calls

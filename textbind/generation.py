@@ -60,7 +60,7 @@ FINISH_IMAGE_LIMIT = "image_limit"  # the model began an image after max_images 
 
 
 @dataclass
-class GenerationConfig:
+class DecodingConfig:
     """How one assistant turn is decoded."""
 
     max_new_tokens: int = 512  # every sampled token counts, caption tokens included
@@ -71,7 +71,7 @@ class GenerationConfig:
     max_images: int = 4  # images per answer; a further `<start>` ends the answer ("image_limit")
     max_caption_tokens: int = 77  # a caption longer than this is closed as if `<end>` followed (CLIP reads 77)
 
-    def validate(self) -> GenerationConfig:
+    def validate(self) -> DecodingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.do_sample and not self.temperature > 0:
@@ -113,7 +113,7 @@ GenerationEvent = TextEvent | ImageEvent | DoneEvent
 
 
 def sample_next_token(
-    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None
+    logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """(V,) logits -> (1,) token id: argmax, or a draw from the temperature-scaled top-p distribution."""
     if not config.do_sample:
@@ -226,7 +226,7 @@ class ControlTokens:
         return cls(image_token_id, start_token_id, end_token_id, eos_token_id, masks)
 
 
-def sampling_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+def sampling_generator(config: DecodingConfig, device: torch.device) -> torch.Generator | None:
     """The random stream of one answer: seeded by `config.seed` (None: fresh entropy); None when greedy."""
     if not config.do_sample:
         return None
@@ -287,7 +287,7 @@ class AnswerDecoder:
         self,
         tokenizer: PreTrainedTokenizerBase,
         control: ControlTokens,
-        config: GenerationConfig,
+        config: DecodingConfig,
         *,
         prompt_length: int,
         max_length: int,
@@ -483,7 +483,7 @@ class InterleavedGenerator:
     def stream(
         self,
         conversation: Conversation,
-        config: GenerationConfig | None = None,
+        config: DecodingConfig | None = None,
         *,
         logits_processor: LogitsProcessor | None = None,
     ) -> Iterator[GenerationEvent]:
@@ -493,7 +493,7 @@ class InterleavedGenerator:
         an image cannot be read (or was never rendered: None in an earlier assistant turn). Files are
         checked as they are read; `validate_conversation` gives fuller messages for stored records.
         """
-        config = (config or GenerationConfig()).validate()
+        config = (config or DecodingConfig()).validate()
         if self.model.training:
             logger.warning("generating with a model in training mode (dropout is active); call model.eval()")
         device = self.model.device
@@ -534,7 +534,7 @@ class InterleavedGenerator:
         return list(encoded.input_ids), pixel_values
 
     def answer_decoder(
-        self, config: GenerationConfig, prompt_length: int, logits_processor: LogitsProcessor | None = None
+        self, config: DecodingConfig, prompt_length: int, logits_processor: LogitsProcessor | None = None
     ) -> AnswerDecoder:
         """The decoding rules of one answer to a prompt of `prompt_length` tokens."""
         return AnswerDecoder(
@@ -555,7 +555,7 @@ class InterleavedGenerator:
     def generate_turn(
         self,
         conversation: Conversation,
-        config: GenerationConfig | None = None,
+        config: DecodingConfig | None = None,
         *,
         logits_processor: LogitsProcessor | None = None,
     ) -> Turn:
@@ -565,7 +565,7 @@ class InterleavedGenerator:
     def generate(
         self,
         conversation: Conversation,
-        config: GenerationConfig | None = None,
+        config: DecodingConfig | None = None,
         *,
         logits_processor: LogitsProcessor | None = None,
     ) -> DoneEvent:

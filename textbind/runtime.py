@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from textbind.config import DTYPE_NAMES, ConfigError, ModelConfig, load_config
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def setup_from_arguments(args: argparse.Namespace) -> GeneratorSetup:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = GenerationConfig()
+    defaults = DecodingConfig()
     group = parser.add_argument_group("generation")
     group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     group.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -213,8 +213,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-caption-tokens", type=int, default=defaults.max_caption_tokens)
 
 
-def generation_config_from_arguments(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
+def generation_config_from_arguments(args: argparse.Namespace) -> DecodingConfig:
+    return DecodingConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textbind import IMAGE_TOKEN
 from textbind.data.conversation import Conversation, DataError, Turn
-from textbind.generation import DoneEvent, GenerationConfig, ImageEvent, TextEvent
+from textbind.generation import DecodingConfig, DoneEvent, ImageEvent, TextEvent
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096
     max_new_tokens_limit: int = 2048
     local_image_dir: str | None = None  # image_url may name files under this directory; None: data URLs only
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=512))
+    generation: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=512))
 
 
 class APIError(Exception):
@@ -241,7 +241,7 @@ def _number(body: dict[str, Any], name: str, kind: type, low: float | None = Non
 @dataclass
 class ChatRequest:
     conversation: Conversation
-    config: GenerationConfig
+    config: DecodingConfig
     render_images: bool
     stream: bool
     include_usage: bool
