@@ -40,7 +40,7 @@ from textbind.generation import (
     Finished,
     GenerationEvent,
     InterleavedGenerator,
-    LogitsProcessor,
+    LogitsHook,
     RenderCaption,
 )
 
@@ -121,7 +121,7 @@ class PreparedRequest:
     pixel_values: torch.Tensor | None
     config: DecodingConfig
     render_images: bool = True  # False: captions are reported, nothing is rendered (as without a decoder)
-    logits_processor: LogitsProcessor | None = None
+    logits_processor: LogitsHook | None = None
 
 
 @dataclass
@@ -170,7 +170,7 @@ class BatchedGenerator:
 
     def prepare(
         self, conversation: Conversation, config: DecodingConfig | None = None, *, render_images: bool = True,
-        logits_processor: LogitsProcessor | None = None,
+        logits_processor: LogitsHook | None = None,
     ) -> PreparedRequest:
         """Check and encode a conversation (raises DataError as `InterleavedGenerator.stream` does)."""
         config = (config or DecodingConfig()).validate()
