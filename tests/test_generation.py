@@ -22,8 +22,11 @@ from textbind.generation import (
     ImageEvent,
     IncrementalDetokenizer,
     InterleavedGenerator,
+    StreamDetokenizer,
     TextEvent,
+    detokenizer_for,
     join_segments,
+    logits_processors,
     sample_next_token,
 )
 from textbind.image_decoder import ImageDecoder
@@ -373,6 +376,87 @@ def test_top_p_and_temperature() -> None:
         DecodingConfig(top_p=0.0).validate()
 
 
+def test_top_p_keeps_the_tokens_it_kept_before_and_draws_in_vocabulary_order() -> None:
+    """transformers' TopPLogitsWarper keeps the same nucleus as the sorted-cumsum rule used before (the most likely
+    tokens whose predecessors cover less than top_p). The draw now runs over the vocabulary in its own order, as
+    transformers samples, not over the sorted scores: a seed gives other top-p answers than before this change
+    (plain temperature sampling draws exactly as before). Same seed, same answer still holds."""
+    torch.manual_seed(0)
+    for top_p in (0.3, 0.5, 0.8, 0.95):
+        for _ in range(20):
+            logits = torch.randn(64) * 3
+            sorted_scores, order = logits.sort(descending=True)
+            probabilities = sorted_scores.softmax(dim=-1)
+            covered_before = probabilities.cumsum(dim=-1) - probabilities
+            expected = set(order[covered_before < top_p].tolist())
+            config = DecodingConfig(do_sample=True, top_p=top_p)
+            scores = logits_processors(config)(torch.zeros((1, 0), dtype=torch.long), logits.unsqueeze(0))[0]
+            assert set(torch.isfinite(scores).nonzero().flatten().tolist()) == expected
+    logits = torch.randn(64)
+    config = DecodingConfig(do_sample=True, top_p=0.9, temperature=0.7)
+    draws = [[int(sample_next_token(logits, config, torch.Generator().manual_seed(seed))) for seed in range(20)]
+             for _ in range(2)]
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_top_k_min_p_and_their_validation() -> None:
+    logits = torch.tensor([3.0, 2.5, 2.0, 0.0, -1.0, -2.0])
+    generator = torch.Generator().manual_seed(0)
+    top_two = DecodingConfig(do_sample=True, top_k=2, temperature=5.0)  # hot: without top-k all six would come
+    assert {int(sample_next_token(logits, top_two, generator)) for _ in range(200)} == {0, 1}
+    # min_p 0.3: keep p >= 0.3 * p(first); exp(-0.5) and exp(-1) pass, exp(-3) does not.
+    min_p = DecodingConfig(do_sample=True, min_p=0.3)
+    assert {int(sample_next_token(logits, min_p, generator)) for _ in range(300)} == {0, 1, 2}
+    for bad in (dict(top_k=-1), dict(min_p=1.5), dict(repetition_penalty=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DecodingConfig(**bad).validate()
+
+
+def test_greedy_runs_no_processor_that_changes_nothing() -> None:
+    assert len(logits_processors(DecodingConfig())) == 0
+    assert len(logits_processors(DecodingConfig(do_sample=True, top_p=1.0))) == 1  # float32 only
+    steps = logits_processors(DecodingConfig(do_sample=True, temperature=0.5, top_k=4, top_p=0.9, min_p=0.1,
+                                             repetition_penalty=1.2))
+    names = [type(step).__name__ for step in steps]
+    assert names == ["RepetitionPenaltyLogitsProcessor", "Float32Scores", "TemperatureLogitsWarper",
+                     "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"]
+
+
+def test_repetition_penalty_applies_to_the_answer_text_and_keeps_the_masks(bundle) -> None:
+    """A hook makes token A (2.0) the favourite over B (1.0). Greedy repeats A; with penalty 4, A's second turn
+    scores 0.5 < B's 1.0, then both are penalized (0.5 > 0.25) and A comes back. `<start>` and `</s>` stay masked
+    or allowed as without a penalty, and the sampled control tokens are never penalized."""
+    tokenizer = bundle.tokenizer
+    first, second = 100, 101
+    assert not {first, second} & set(tokenizer.all_special_ids)
+
+    def hook(token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        scores = torch.zeros_like(logits)
+        scores[first], scores[second] = 2.0, 1.0
+        return scores
+
+    generator = InterleavedGenerator.from_bundle(bundle)
+    prompt = conversation(("user", "Describe a dog on a beach."))
+    plain = generator.generate(prompt, DecodingConfig(max_new_tokens=4), logits_processor=hook).token_ids
+    penalized = generator.generate(
+        prompt, DecodingConfig(max_new_tokens=4, repetition_penalty=4.0), logits_processor=hook
+    ).token_ids
+    assert plain == [first] * 4
+    assert penalized == [first, second, first, first]
+    # A penalized answer still obeys the control-token rules: a forced `<image>` is masked.
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def image_hook(token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        scores = hook(token_ids, logits)
+        scores[image_id] = 50.0
+        return scores
+
+    done = generator.generate(
+        prompt, DecodingConfig(max_new_tokens=3, repetition_penalty=4.0), logits_processor=image_hook
+    )
+    assert image_id not in done.token_ids
+
+
 # --- Detokenization, limits, assembly --------------------------------------------------------------------
 
 
@@ -389,6 +473,56 @@ def test_incremental_detokenizer_adds_up_to_the_full_decode(bundle) -> None:
     assert not any("\ufffd" in piece for piece in pieces)
     assert pieces[0] == "A"  # the word-start space of the first token is dropped, the others kept
     assert " red" in pieces
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A red block. Voilà: 5 € and 😀 — here is   a green one! Ünïcode.",
+        "日本語のテキスト😀😀 ok, çà et là: naïve café 🎨🖼️",
+    ],
+)
+def test_decode_stream_pieces_add_up_to_the_full_decode(bundle, text) -> None:
+    tokenizer = bundle.tokenizer
+    token_ids = ConversationEncoder(tokenizer, bundle.model.num_query_tokens).text_ids(text)
+    assert any(tokenizer.convert_ids_to_tokens(token).startswith("<0x") for token in token_ids)  # byte pieces
+    detokenizer = detokenizer_for(tokenizer)
+    assert isinstance(detokenizer, StreamDetokenizer)  # the tiny Llama tokenizer is a fast one
+    pieces = [detokenizer.push(token) for token in token_ids]
+    assert "".join(pieces) == tokenizer.decode(token_ids, skip_special_tokens=True) == text
+    assert detokenizer.flush() == ""
+    assert not any("\ufffd" in piece for piece in pieces)
+    # A character's byte pieces wait for the last one: the emoji appears whole, in one piece.
+    assert any("😀" in piece for piece in pieces) and "" in pieces
+    # The same pieces as the window-decoding fallback gives.
+    fallback = IncrementalDetokenizer(tokenizer)
+    assert [fallback.push(token) for token in token_ids] == pieces
+
+
+def test_decode_stream_skips_control_tokens_and_survives_broken_bytes(bundle) -> None:
+    tokenizer = bundle.tokenizer
+    hello = ConversationEncoder(tokenizer, bundle.model.num_query_tokens).text_ids("hello there")
+    control = [tokenizer.convert_tokens_to_ids(token) for token in (START_TOKEN, END_TOKEN)] + [tokenizer.eos_token_id]
+    # A lead byte of a 4-byte character followed by plain text: bytes a sampling model may well produce.
+    lead = tokenizer.convert_tokens_to_ids("<0xF0>")
+    for token_ids in (hello + control + hello, hello + [lead] + hello + [lead]):
+        detokenizer = StreamDetokenizer(tokenizer)
+        pieces = [detokenizer.push(token) for token in token_ids]
+        pieces.append(detokenizer.flush())
+        assert "".join(pieces) == tokenizer.decode(token_ids, skip_special_tokens=True) == detokenizer.text
+    # "ß" (C3 9F) then a lone lead byte: the full decode turns the whole byte group into U+FFFD, so the "ß"
+    # already shown is no longer a prefix of it, and DecodeStream raises. The text goes on after it all the same.
+    broken = hello + [tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>") for byte in (0xC3, 0x9F, 0xF0)] + hello
+    detokenizer = StreamDetokenizer(tokenizer)
+    pieces = [detokenizer.push(token) for token in broken]
+    pieces.append(detokenizer.flush())
+    assert "".join(pieces).startswith("hello thereß") and "".join(pieces).endswith("\ufffd hello there")
+
+
+def test_the_name_generation_config_is_left_to_transformers() -> None:
+    import textbind.generation
+
+    assert not hasattr(textbind.generation, "GenerationConfig")
 
 
 def test_join_segments() -> None:
