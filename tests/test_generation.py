@@ -568,3 +568,20 @@ def test_generation_on_cuda(trained, image_dir, green_image, dtype) -> None:
     assert all(logits.device.type == "cuda" and logits.dtype == dtype for _, logits in recorder.steps)
     assert done.turn.caption_list == [TRAINED_CAPTION] and decoder.calls
     assert_cached_logits_match_recompute(bundle, conv, recorder, done.turn.image_list, atol=0.25, rtol=0.05)
+
+
+def test_sampling_options_reach_the_config_from_the_command_line() -> None:
+    import argparse
+
+    from textbind.runtime import add_generation_arguments, generation_config_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    defaults = generation_config_from_arguments(parser.parse_args([]))
+    assert (defaults.top_k, defaults.min_p, defaults.repetition_penalty) == (0, 0.0, 1.0)
+    config = generation_config_from_arguments(
+        parser.parse_args(["--do-sample", "--top-k", "5", "--min-p", "0.05", "--repetition-penalty", "1.3"])
+    )
+    assert (config.top_k, config.min_p, config.repetition_penalty) == (5, 0.05, 1.3)
+    with pytest.raises(ValueError, match="min_p"):
+        generation_config_from_arguments(parser.parse_args(["--min-p", "2"]))
