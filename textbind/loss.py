@@ -15,9 +15,10 @@ def compute_loss(model: Any, batch: Batch, *, return_logits: bool = False) -> MI
     """
     module: MIMModel = getattr(model, "module", model)
     batch = batch.to(module.device, dtype=module.dtype)
+    attn_implementation = getattr(module.language_model.config, "_attn_implementation", None)
     return model(
         input_ids=batch.input_ids,
-        attention_mask=attention_mask_for(batch, module.dtype),
+        attention_mask=attention_mask_for(batch, module.dtype, attn_implementation),
         position_ids=batch.position_ids,
         pixel_values=batch.pixel_values,
         targets=batch.targets,

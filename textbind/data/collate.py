@@ -92,11 +92,30 @@ def allowed_attention(segment_ids: torch.Tensor, branch_prefix: torch.Tensor) ->
     return allowed | (padding_query & torch.eye(length, dtype=torch.bool, device=segment_ids.device))
 
 
-def attention_mask_for(batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+def refuse_flash_attention(batch: Batch, attn_implementation: str | None) -> None:
+    """Raise ValueError when `attn_implementation` is a FlashAttention kernel: it takes only padding masks
+    (it would silently attend causally across branches). Needs no flash-attn package to tell."""
+    if attn_implementation is None or "flash" not in attn_implementation:
+        return
+    rows = [batch.sources[row] for row in range(len(batch.sources)) if bool((batch.segment_ids[row] > 0).any())]
+    shown = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+    raise ValueError(
+        f"model.attn_implementation={attn_implementation} cannot apply the branch attention mask this batch needs "
+        f"(caption branches or packed samples{': ' + shown if shown else ''}): FlashAttention takes padding masks "
+        "only. Use model.attn_implementation=sdpa (or eager), or flex_attention on a GPU."
+    )
+
+
+def attention_mask_for(batch: Batch, dtype: torch.dtype, attn_implementation: str | None = None) -> torch.Tensor:
     """The mask to give the model: a (B, L) padding mask when no sample has a branch (the fast, plain
-    causal path), else the (B, 1, L, L) additive float mask of `allowed_attention`."""
+    causal path), else the (B, 1, L, L) additive float mask of `allowed_attention`.
+
+    `attn_implementation` (the language model's) is checked against the 4-D mask: see
+    `refuse_flash_attention`.
+    """
     if not batch.has_branches:
         return (batch.segment_ids != PADDING_SEGMENT).long()
+    refuse_flash_attention(batch, attn_implementation)
     allowed = allowed_attention(batch.segment_ids, batch.branch_prefix)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
