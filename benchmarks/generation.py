@@ -24,7 +24,7 @@ import torch
 from textbind.batch_generation import BatchedGenerator
 from textbind.config import ModelConfig
 from textbind.data.conversation import Conversation, Turn
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 from textbind.model.builder import build_model
 from textbind.model.mim import MIMModel
 from textbind.tiny import build_tiny_pretrained
@@ -78,7 +78,7 @@ def cache_against_recompute(generator: InterleavedGenerator, bundle, device: str
     model = generator.model
     image = ToyRenderer()("a small red circle", seed=0)
     conversation = Conversation([Turn("user", "Describe this image in detail. <image>", [image])])
-    config = GenerationConfig(max_new_tokens=tokens, max_images=0)
+    config = DecodingConfig(max_new_tokens=tokens, max_images=0)
 
     def stop_never(ids, logits):
         return never_stop(ids, logits, eos)
@@ -114,7 +114,7 @@ def batched_against_sequential(generator: InterleavedGenerator, device: str, tok
                                eos: int) -> dict[str, float]:
     """Part 2: total tokens/s of batched decoding against the same requests one by one."""
     conversations = requests(count)
-    config = GenerationConfig(max_new_tokens=tokens, max_images=0)
+    config = DecodingConfig(max_new_tokens=tokens, max_images=0)
 
     def stop_never(ids, logits):
         return never_stop(ids, logits, eos)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from textbind.config import MODULE_NAMES, ModelConfig
 from textbind.data.conversation import Conversation, Turn
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 from textbind.toy.renderer import ToyRenderer
 
 from helpers import overfit
@@ -59,7 +59,7 @@ def train_demo_checkpoint(model_config: ModelConfig, output_dir: Path, steps: in
 
     bundle = overfit(model_config, training_conversations(), steps)
     generator = InterleavedGenerator.from_bundle(bundle, ToyRenderer())
-    config = GenerationConfig(max_new_tokens=24)
+    config = DecodingConfig(max_new_tokens=24)
     answers, drawn = {}, []
     for caption in DESCRIPTIONS:
         described = [Turn("user", f"<image> {DESCRIBE_PROMPT}", [toy_image(caption)])]

@@ -277,6 +277,23 @@ def test_malformed_requests_get_actionable_errors_and_the_server_goes_on(server,
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+def test_top_k_one_samples_the_greedy_answer_and_sampling_fields_are_parsed(client) -> None:
+    """top_k, min_p and repetition_penalty are extra body fields (as vLLM names them): top_k=1 leaves one token
+    to draw, so a hot sampled answer is the greedy one."""
+    from textbind.serve.api import ServerSettings, chat_request
+
+    caption = next(iter(DESCRIPTIONS))
+    answer = client.chat.completions.create(model="textbind", messages=[describe(caption)], temperature=1.9,
+                                            seed=7, extra_body={"top_k": 1})
+    assert answer.choices[0].message.content == DESCRIPTIONS[caption]
+    request = chat_request({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.8, "top_k": 5,
+                            "min_p": 0.1, "repetition_penalty": 1.2}, ServerSettings())
+    config = request.config
+    assert config.do_sample and (config.top_k, config.min_p, config.repetition_penalty) == (5, 0.1, 1.2)
+    defaults = chat_request({"messages": [{"role": "user", "content": "hi"}]}, ServerSettings()).config
+    assert (defaults.top_k, defaults.min_p, defaults.repetition_penalty) == (0, 0.0, 1.0)
+
+
 def test_stop_strings_cut_the_answer(client) -> None:
     answer = client.chat.completions.create(model="textbind", messages=[describe(DRAW_CAPTION)], stop=["red"])
     assert answer.choices[0].message.content == "I see a small"
@@ -333,6 +350,7 @@ def test_any_json_body_is_refused_with_an_api_error_or_parsed() -> None:
                                                                     "images": [v]}, {"role": "user", "content": "x"}]},
         lambda v: {"messages": [{"role": "user", "content": "hi"}], "max_tokens": v},
         lambda v: {"messages": [{"role": "user", "content": "hi"}], "top_p": v},
+        lambda v: {"messages": [{"role": "user", "content": "hi"}], "top_k": v, "min_p": v, "repetition_penalty": v},
         lambda v: {"messages": [{"role": "user", "content": "hi"}], "stop": v},
         lambda v: {"messages": [{"role": "user", "content": "hi"}], "modalities": v},
         lambda v: {"messages": [{"role": "user", "content": "hi"}], "stream": v, "stream_options": v},

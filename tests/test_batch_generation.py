@@ -10,7 +10,7 @@ from PIL import Image
 from test_generation import LogitsRecorder, overfit_bundle, special_ids
 
 from textbind.batch_generation import BatchedGenerator, SlotCache, attention_mask
-from textbind.generation import FINISH_LENGTH, FINISH_STOP, GenerationConfig, ImageEvent, InterleavedGenerator
+from textbind.generation import FINISH_LENGTH, FINISH_STOP, DecodingConfig, ImageEvent, InterleavedGenerator
 
 from helpers import conversation
 
@@ -38,7 +38,7 @@ def start_at(step: int, start_id: int):
 class Case:
     """One request: a conversation, a config, an optional forced `<start>`, and whether images are rendered."""
 
-    def __init__(self, conv, config: GenerationConfig, start_step: int | None = None, render: bool = True) -> None:
+    def __init__(self, conv, config: DecodingConfig, start_step: int | None = None, render: bool = True) -> None:
         self.conv, self.config, self.start_step, self.render = conv, config, start_step, render
 
     def processor(self, start_id: int) -> tuple[LogitsRecorder, object]:
@@ -58,16 +58,16 @@ def cases(image_dir) -> list[Case]:
     trained_prompt = conversation(("user", "What is this? <image>", ["0.png"]), image_dir=image_dir)
     other_image = conversation(("user", "What is this? <image>", ["2.png"]), image_dir=image_dir)
     text_only = conversation(("system", "Be brief."), ("user", "Hello there, draw two things."))
-    greedy = GenerationConfig(max_new_tokens=40)
+    greedy = DecodingConfig(max_new_tokens=40)
     return [
         Case(trained_prompt, greedy),  # its trained image, at its own step
-        Case(other_image, GenerationConfig(max_new_tokens=30, max_caption_tokens=4), start_step=2),
-        Case(text_only, GenerationConfig(max_new_tokens=28, max_images=2, max_caption_tokens=5), start_step=6),
-        Case(trained_prompt, GenerationConfig(max_new_tokens=5)),  # finishes early, out of budget
+        Case(other_image, DecodingConfig(max_new_tokens=30, max_caption_tokens=4), start_step=2),
+        Case(text_only, DecodingConfig(max_new_tokens=28, max_images=2, max_caption_tokens=5), start_step=6),
+        Case(trained_prompt, DecodingConfig(max_new_tokens=5)),  # finishes early, out of budget
         Case(trained_prompt, greedy, render=False),  # captions reported, kept as text
-        Case(text_only, GenerationConfig(max_new_tokens=4), start_step=1),  # the budget ends inside a caption
-        Case(other_image, GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.8, seed=5)),
-        Case(trained_prompt, GenerationConfig(max_new_tokens=40, seed=3), start_step=9),  # an image at another step
+        Case(text_only, DecodingConfig(max_new_tokens=4), start_step=1),  # the budget ends inside a caption
+        Case(other_image, DecodingConfig(max_new_tokens=24, do_sample=True, temperature=0.8, seed=5)),
+        Case(trained_prompt, DecodingConfig(max_new_tokens=40, seed=3), start_step=9),  # an image at another step
     ]
 
 
@@ -127,7 +127,7 @@ def test_events_of_each_request_stay_with_it(trained, image_dir) -> None:
     batched = BatchedGenerator(InterleavedGenerator.from_bundle(trained, CaptionColourDecoder()), 4)
     prompts = [conversation(("user", "What is this? <image>", [f"{index}.png"]), image_dir=image_dir)
                for index in range(4)]
-    requests = [batched.add(batched.prepare(prompt, GenerationConfig(max_new_tokens=30))) for prompt in prompts]
+    requests = [batched.add(batched.prepare(prompt, DecodingConfig(max_new_tokens=30))) for prompt in prompts]
     while batched.busy:
         batched.step()
     for request in requests:
@@ -163,8 +163,8 @@ def test_a_failing_image_decoder_fails_only_its_request(trained, image_dir) -> N
 
     batched = BatchedGenerator(InterleavedGenerator.from_bundle(trained, Failing()), 2)
     prompt = conversation(("user", "What is this? <image>", ["0.png"]), image_dir=image_dir)
-    failing = batched.add(batched.prepare(prompt, GenerationConfig(max_new_tokens=30, seed=99)))
-    healthy = batched.add(batched.prepare(prompt, GenerationConfig(max_new_tokens=30, seed=1)))
+    failing = batched.add(batched.prepare(prompt, DecodingConfig(max_new_tokens=30, seed=99)))
+    healthy = batched.add(batched.prepare(prompt, DecodingConfig(max_new_tokens=30, seed=1)))
     while batched.busy:
         batched.step()
     assert isinstance(failing.error, RuntimeError)
@@ -191,7 +191,7 @@ def test_captions_closed_together_are_rendered_in_one_sdxl_call(trained, image_d
     decoder.render_batch = lambda captions, seeds: calls.append(list(seeds)) or render_batch(captions, seeds)
     batched = BatchedGenerator(InterleavedGenerator.from_bundle(trained, decoder), 2)
     prompt = conversation(("user", "What is this? <image>", ["0.png"]), image_dir=image_dir)
-    requests = [batched.add(batched.prepare(prompt, GenerationConfig(max_new_tokens=30, seed=seed)))
+    requests = [batched.add(batched.prepare(prompt, DecodingConfig(max_new_tokens=30, seed=seed)))
                 for seed in (3, 4)]
     while batched.busy:
         batched.step()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from textbind.data.collate import collate
+from textbind.data.collate import attention_mask_for, collate
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder
 from textbind.loss import compute_loss
@@ -137,3 +137,25 @@ def test_markup_is_the_chat_template(bundle, encoder, image_dir):
     prompt_ids = encoder.encode(prompt, for_inference=True).input_ids
     generation_prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(prompt_ids) == generation_prompt
+
+
+def test_flash_attention_is_refused_for_a_branch_mask(bundle, encoder, image_dir, monkeypatch):
+    """FlashAttention takes padding masks only: with it, a batch with caption branches would silently train every
+    caption on the other branches. compute_loss refuses before the forward (no flash-attn package needed to tell);
+    a batch without branches keeps its (B, L) padding mask and may use it."""
+    plain = conversation(("user", "Hi <image>", ["0.png"]), ("assistant", "Hello."), image_dir=image_dir)
+    with_branch = conversation(*[(turn.role, turn.content, turn.image_list, turn.caption_list)
+                                 for turn in one_output_image(image_dir).turns], image_dir=image_dir,
+                               source="train.json record 7")
+    pad = bundle.tokenizer.pad_token_id
+    plain_batch = collate([prepare_sample(plain, encoder, bundle.image_processor)], pad)
+    branch_batch = collate([prepare_sample(plain, encoder, bundle.image_processor),
+                            prepare_sample(with_branch, encoder, bundle.image_processor)], pad)
+    assert attention_mask_for(plain_batch, torch.float32, "flash_attention_2").dim() == 2
+    assert attention_mask_for(branch_batch, torch.float32, "sdpa").dim() == 4
+    monkeypatch.setattr(bundle.model.language_model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ValueError, match="model.attn_implementation=flash_attention_2") as refused:
+        compute_loss(bundle.model, branch_batch)
+    message = str(refused.value)
+    assert "train.json record 7" in message and "test record" not in message  # the rows that need the mask
+    assert "sdpa" in message and "flex_attention" in message

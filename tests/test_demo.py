@@ -303,13 +303,13 @@ def test_answers_without_an_image_decoder(demo_bundle, tmp_path):
 
 def test_a_spent_image_budget_ends_the_answer_and_says_why(demo_bundle, tmp_path):
     """The model begins an image it may not draw: the answer stops there (no loop) with a notice."""
-    from textbind.generation import FINISH_IMAGE_LIMIT, GenerationConfig, InterleavedGenerator
+    from textbind.generation import FINISH_IMAGE_LIMIT, DecodingConfig, InterleavedGenerator
     from textbind.serve.chat import DemoChat, DemoSettings
     from textbind.toy.renderer import ToyRenderer
 
     generator = InterleavedGenerator.from_bundle(demo_bundle, ToyRenderer())
     start_id = demo_bundle.tokenizer.convert_tokens_to_ids("<start>")
-    done = generator.generate(Conversation([Turn("user", DRAW_PROMPT)]), GenerationConfig(max_new_tokens=200,
+    done = generator.generate(Conversation([Turn("user", DRAW_PROMPT)]), DecodingConfig(max_new_tokens=200,
                                                                                           max_images=0))
     assert done.finish_reason == FINISH_IMAGE_LIMIT and done.turn.content == "Here it is:"
     assert start_id not in done.token_ids and len(done.token_ids) < 10  # not 200 tokens of filler
@@ -733,7 +733,7 @@ def test_stop_ends_an_answer_and_frees_the_model(demo_bundle, tmp_path):
         pytest.skip(f"{CHROMIUM} is not installed (scripts/install_test_deps.sh installs Debian's chromium)")
     from playwright.sync_api import expect, sync_playwright
 
-    from textbind.generation import GenerationConfig, InterleavedGenerator
+    from textbind.generation import DecodingConfig, InterleavedGenerator
     from textbind.serve.app import build_app, launch
     from textbind.serve.chat import DemoSettings
     from textbind.toy.renderer import ToyRenderer
@@ -745,7 +745,7 @@ def test_stop_ends_an_answer_and_frees_the_model(demo_bundle, tmp_path):
         release.wait(timeout=API_TIMEOUT)
         return ToyRenderer()(caption, seed=seed)
 
-    settings = DemoSettings(output_dir=str(tmp_path / "out"), generation=GenerationConfig(max_new_tokens=24))
+    settings = DemoSettings(output_dir=str(tmp_path / "out"), generation=DecodingConfig(max_new_tokens=24))
     demo = build_app(InterleavedGenerator.from_bundle(demo_bundle, slow_decoder), settings)
     port = free_port()
     launch(demo, settings, "127.0.0.1", port, prevent_thread_lock=True)

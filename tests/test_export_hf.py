@@ -15,7 +15,7 @@ from textbind.data.collate import collate
 from textbind.data.samples import pixel_values_for, prepare_sample
 from textbind.data.sequence import ConversationEncoder
 from textbind.export_hf import export
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 from textbind.loss import compute_loss
 from textbind.model.builder import build_model
 
@@ -124,7 +124,7 @@ def test_textbind_loads_the_directory_back(bundle, exported, image_dir):
     torch.testing.assert_close(pixels, pixel_values_for([image_dir / "0.png"], bundle.image_processor, "test"))
 
     # inference: the same greedy answer, control tokens included
-    config = GenerationConfig(max_new_tokens=12)
+    config = DecodingConfig(max_new_tokens=12)
     expected_done = InterleavedGenerator.from_bundle(bundle).generate(prompt(image_dir), config)
     actual_done = InterleavedGenerator.from_bundle(loaded).generate(prompt(image_dir), config)
     assert actual_done.token_ids == expected_done.token_ids and len(actual_done.token_ids) == 12

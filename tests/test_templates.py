@@ -7,7 +7,7 @@ import torch
 
 from textbind.config import ConfigError, ModelConfig, load_config
 from textbind.data.sequence import ConversationEncoder
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 from textbind.model.builder import build_model
 
 from helpers import conversation
@@ -30,7 +30,7 @@ def test_generation_with_a_chat_template(bundle_of_style, image_dir, style):
     prompt = conversation(("user", "What is this? <image>", ["0.png"]), image_dir=image_dir)
     encoder = ConversationEncoder(bundle.tokenizer, bundle.model.num_query_tokens)
     assert encoder.template == "chat_template"
-    done = InterleavedGenerator.from_bundle(bundle).generate(prompt, GenerationConfig(max_new_tokens=6, max_images=0))
+    done = InterleavedGenerator.from_bundle(bundle).generate(prompt, DecodingConfig(max_new_tokens=6, max_images=0))
 
     from textbind.data.samples import prepare_sample
 

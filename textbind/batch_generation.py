@@ -33,14 +33,14 @@ from textbind.data.conversation import Conversation
 from textbind.generation import (
     AnswerDecoder,
     DecodeAction,
+    DecodingConfig,
     DoneEvent,
     FeedImage,
     FeedTokens,
     Finished,
-    GenerationConfig,
     GenerationEvent,
     InterleavedGenerator,
-    LogitsProcessor,
+    LogitsHook,
     RenderCaption,
 )
 
@@ -119,9 +119,9 @@ class PreparedRequest:
 
     prompt_ids: list[int]
     pixel_values: torch.Tensor | None
-    config: GenerationConfig
+    config: DecodingConfig
     render_images: bool = True  # False: captions are reported, nothing is rendered (as without a decoder)
-    logits_processor: LogitsProcessor | None = None
+    logits_processor: LogitsHook | None = None
 
 
 @dataclass
@@ -169,11 +169,11 @@ class BatchedGenerator:
         self.mask_dtype = self.model.language_model.get_input_embeddings().weight.dtype
 
     def prepare(
-        self, conversation: Conversation, config: GenerationConfig | None = None, *, render_images: bool = True,
-        logits_processor: LogitsProcessor | None = None,
+        self, conversation: Conversation, config: DecodingConfig | None = None, *, render_images: bool = True,
+        logits_processor: LogitsHook | None = None,
     ) -> PreparedRequest:
         """Check and encode a conversation (raises DataError as `InterleavedGenerator.stream` does)."""
-        config = (config or GenerationConfig()).validate()
+        config = (config or DecodingConfig()).validate()
         prompt_ids, pixel_values = self.generator.prepare_prompt(conversation)
         return PreparedRequest(prompt_ids, pixel_values, config, render_images, logits_processor)
 

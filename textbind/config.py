@@ -55,7 +55,7 @@ class ModelConfig:
     template: str = "llama2"  # conversation markup: llama2 (Llama-2 chat) | chat_template (the tokenizer's own)
     trainable: list[str] = field(default_factory=lambda: ["query_tokens", "qformer", "qformer_projection"])
     dtype: str = "float32"  # float32 | bfloat16 | float16: the dtype the model is built in
-    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention (BlockMask for branches/packing; GPU)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention (GPU); flash_attention_2 refuses branch masks
     gradient_checkpointing: bool = False  # recompute the language model's activations in backward (memory)
     quantize: str | None = None  # 4bit | 8bit: load the language model quantized for inference (CUDA + bitsandbytes)
 

@@ -37,8 +37,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
+from tokenizers.decoders import DecodeStream
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from textbind import END_TOKEN, IMAGE_TOKEN, START_TOKEN
 from textbind.data.conversation import Conversation, DataError, Turn
@@ -50,9 +60,9 @@ from textbind.model.mim import MIMModel
 logger = logging.getLogger(__name__)
 
 # (token ids sampled so far in this answer, raw next-token logits (V,)) -> logits (V,). Applied
-# before the control-token masks, so the rules above always hold. Tests use it to record logits
-# and to force a token schedule; it can also carry constrained decoding or repetition penalties.
-LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+# first, before the control-token masks, so the rules above always hold. Tests use it to record
+# logits and to force a token schedule; it can also carry constrained decoding.
+LogitsHook = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 FINISH_STOP = "stop"  # the model wrote </s>
 FINISH_LENGTH = "length"  # max_new_tokens or the model's context length ran out
@@ -60,24 +70,33 @@ FINISH_IMAGE_LIMIT = "image_limit"  # the model began an image after max_images 
 
 
 @dataclass
-class GenerationConfig:
+class DecodingConfig:
     """How one assistant turn is decoded."""
 
     max_new_tokens: int = 512  # every sampled token counts, caption tokens included
     do_sample: bool = False  # False: greedy
     temperature: float = 1.0
     top_p: float = 1.0  # nucleus sampling: keep the most likely tokens that cover this probability
+    top_k: int = 0  # sample among the k most likely tokens; 0: off
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0: off
+    repetition_penalty: float = 1.0  # > 1 makes the answer's earlier text tokens less likely (greedy too); 1: off
     seed: int | None = 0  # sampling stream; image k of the answer is rendered with seed + k; None: random
     max_images: int = 4  # images per answer; a further `<start>` ends the answer ("image_limit")
     max_caption_tokens: int = 77  # a caption longer than this is closed as if `<end>` followed (CLIP reads 77)
 
-    def validate(self) -> GenerationConfig:
+    def validate(self) -> DecodingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must not be negative (0: off), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must lie in [0, 1] (0: off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be positive (1: off), got {self.repetition_penalty}")
         if self.max_images < 0:
             raise ValueError(f"max_images must not be negative, got {self.max_images}")
         if self.max_caption_tokens < 1:
@@ -112,26 +131,81 @@ class DoneEvent:
 GenerationEvent = TextEvent | ImageEvent | DoneEvent
 
 
+class Float32Scores(transformers.LogitsProcessor):
+    """Scores in float32 from here on: sampling from bf16 probabilities would be coarse."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.float()
+
+
+class HookProcessor(transformers.LogitsProcessor):
+    """A `LogitsHook` as a transformers logits processor; `token_ids` is the answer's list, read at each call."""
+
+    def __init__(self, hook: LogitsHook, token_ids: list[int]) -> None:
+        self.hook = hook
+        self.token_ids = token_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.hook(self.token_ids, scores[0]).unsqueeze(0)
+
+
+def logits_processors(
+    config: DecodingConfig, *, rules: transformers.LogitsHook | None = None, hook: HookProcessor | None = None
+) -> LogitsProcessorList:
+    """The steps from raw (1, V) logits to the scores a token is chosen from, in transformers' `generate` order.
+
+    Our hook comes first and the control-token rules after the repetition penalty, so nothing can lift
+    their masks; the warpers only ever remove tokens. Steps that would change nothing are left out,
+    so greedy decoding without a penalty is the argmax over the masked logits, in the model's dtype.
+    """
+    processors = LogitsProcessorList()
+    if hook is not None:
+        processors.append(hook)
+    if config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(float(config.repetition_penalty)))
+    if rules is not None:
+        processors.append(rules)
+    if config.do_sample:
+        processors.append(Float32Scores())
+        if config.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(float(config.temperature)))
+        if config.top_k > 0:
+            processors.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(config.top_p))
+        if config.min_p > 0.0:
+            processors.append(MinPLogitsWarper(config.min_p))
+    return processors
+
+
 def sample_next_token(
-    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    config: DecodingConfig,
+    generator: torch.Generator | None = None,
+    processors: LogitsProcessorList | None = None,
+    input_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(V,) logits -> (1,) token id: argmax, or a draw from the temperature-scaled top-p distribution."""
+    """(V,) logits -> (1,) token id: the argmax, or a draw, of the scores `processors` make of them.
+
+    `processors` defaults to `logits_processors(config)`; `input_ids` (1, L) are the tokens a
+    repetition penalty looks at (default: none). The draw is in vocabulary order, as transformers
+    samples, with `generator` as the random stream.
+    """
+    processors = logits_processors(config) if processors is None else processors
+    if processors:
+        if input_ids is None:
+            input_ids = torch.zeros((1, 0), dtype=torch.long, device=logits.device)
+        logits = processors(input_ids, logits.unsqueeze(0))[0]
     if not config.do_sample:
         return logits.argmax(dim=-1, keepdim=True)
-    scores = logits.float() / config.temperature  # sample in float32: bf16 probabilities are coarse
-    if config.top_p < 1.0:
-        sorted_scores, order = scores.sort(descending=True)
-        probabilities = sorted_scores.softmax(dim=-1)
-        # Drop a token once the more likely ones already cover top_p; the most likely one always stays.
-        covered_before = probabilities.cumsum(dim=-1) - probabilities
-        sorted_scores = sorted_scores.masked_fill(covered_before >= config.top_p, float("-inf"))
-        choice = torch.multinomial(sorted_scores.softmax(dim=-1), 1, generator=generator)
-        return order[choice]
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
 class IncrementalDetokenizer:
     """Token ids in, displayable text pieces out, such that the pieces add up to the full decode.
+
+    The fallback for tokenizers without a `tokenizers` backend; `detokenizer_for` picks
+    `StreamDetokenizer` where there is one.
 
     Decoding one token at a time is wrong for SentencePiece: the decoder drops the word-start
     space of the *first* token of whatever it decodes, and byte-fallback tokens make text only in
@@ -174,6 +248,62 @@ class IncrementalDetokenizer:
         return self._decode(self.token_ids)
 
 
+class StreamDetokenizer:
+    """`IncrementalDetokenizer`'s guarantees through `tokenizers`' `DecodeStream`, for fast tokenizers.
+
+    The stream keeps the few tokens a piece needs and decodes each step once, in Rust. It returns
+    None while bytes of a character are still missing, and skips special tokens as the full decode
+    does. What it holds back at the end is emitted by `flush`, as the full decode has it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self._backend = tokenizer.backend_tokenizer
+        self._stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
+        self._emitted_length = 0  # characters of the full decode emitted so far
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (often empty for byte pieces)."""
+        self.token_ids.append(token_id)
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self._backend, token_id) or ""
+                self._emitted_length += len(piece)
+                return piece
+            except Exception:  # the tokenizers bindings raise a bare Exception
+                # The stream refuses bytes that cannot complete the character it waits for (a model
+                # can sample any byte piece). The full decode shows them as U+FFFD; from here on this
+                # segment is decoded whole at each step, as rarely happens.
+                self._stream = None
+        text = self.text
+        if len(text) <= self._emitted_length or text.endswith("\ufffd"):
+            return ""
+        piece, self._emitted_length = text[self._emitted_length :], len(text)
+        return piece
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete byte sequence at the end), emitted as it stands."""
+        rest = self.text[self._emitted_length :]
+        self._emitted_length += len(rest)
+        self._stream = DecodeStream(skip_special_tokens=True)  # later tokens start a fresh stream, as after a flush
+        return rest
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+def detokenizer_for(tokenizer: PreTrainedTokenizerBase) -> StreamDetokenizer | IncrementalDetokenizer:
+    """A `StreamDetokenizer` where the tokenizer has a `tokenizers` backend and its decode adds no clean-up of
+    its own (which the stream would not apply), else the `IncrementalDetokenizer`."""
+    if getattr(tokenizer, "backend_tokenizer", None) is not None and not getattr(
+        tokenizer, "clean_up_tokenization_spaces", False
+    ):
+        return StreamDetokenizer(tokenizer)
+    return IncrementalDetokenizer(tokenizer)
+
+
 def join_segments(segments: list[str]) -> str:
     """Text segments around images -> turn content with one `<image>` marker between neighbours.
 
@@ -210,6 +340,10 @@ class ControlTokens:
     eos_token_id: int
     masks: dict[bool, torch.Tensor]  # in a caption -> (V,) bool
 
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.start_token_id, self.end_token_id, self.eos_token_id)
+
     @classmethod
     def build(cls, tokenizer: PreTrainedTokenizerBase, vocabulary_size: int, device: torch.device) -> ControlTokens:
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -226,7 +360,31 @@ class ControlTokens:
         return cls(image_token_id, start_token_id, end_token_id, eos_token_id, masks)
 
 
-def sampling_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+class ControlTokenRules(transformers.LogitsProcessor):
+    """The control-token rules of one answer: the masks of its state, and the image limit.
+
+    The answer's decoder sets `in_caption` and `images_made` before each step. The image limit is
+    not a mask: `<start>` stays allowed, and `ends_answer` tells whether the token chosen ends the
+    answer (see the module docstring).
+    """
+
+    def __init__(self, control: ControlTokens, max_images: int) -> None:
+        self.control = control
+        self.max_images = max_images
+        self.in_caption = False
+        self.images_made = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.masked_fill(self.control.masks[self.in_caption], float("-inf"))
+
+    def ends_answer(self, token_id: int) -> bool:
+        """Whether `token_id`, chosen in the current state, is a `<start>` past the image budget."""
+        return (
+            not self.in_caption and token_id == self.control.start_token_id and self.images_made >= self.max_images
+        )
+
+
+def sampling_generator(config: DecodingConfig, device: torch.device) -> torch.Generator | None:
     """The random stream of one answer: seeded by `config.seed` (None: fresh entropy); None when greedy."""
     if not config.do_sample:
         return None
@@ -277,8 +435,9 @@ DecodeAction = FeedTokens | RenderCaption | FeedImage | Finished
 class AnswerDecoder:
     """The decoding rules of one assistant turn, apart from the model: logits in, the next action out.
 
-    It samples (control-token masks, logits processor, its own random stream), tracks captions,
-    the token budget and the context length, and collects the answer's events. The single-answer
+    It samples (the logits hook, the control-token rules and the warpers, as one transformers
+    `LogitsProcessorList`; its own random stream), tracks captions, the token budget and the
+    context length, and collects the answer's events. The single-answer
     `InterleavedGenerator` and the batched decoder both drive it, so both follow the same rules
     by construction; they differ only in how they run the model and hold the cache.
     """
@@ -287,27 +446,32 @@ class AnswerDecoder:
         self,
         tokenizer: PreTrainedTokenizerBase,
         control: ControlTokens,
-        config: GenerationConfig,
+        config: DecodingConfig,
         *,
         prompt_length: int,
         max_length: int,
         num_query_tokens: int,
         device: torch.device,
-        logits_processor: LogitsProcessor | None = None,
+        logits_processor: LogitsHook | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.control = control
         self.config = config
         self.max_length = max_length
         self.num_query_tokens = num_query_tokens
-        self.logits_processor = logits_processor
         self.generator = sampling_generator(config, device)
         self.length = prompt_length  # tokens in the context == position of the next token
         self.token_ids: list[int] = []
+        # The answer's text and caption tokens, on the device, for the repetition penalty: control
+        # tokens are left out, or a penalty would make a second image or caption end less likely.
+        self.penalized_ids = torch.zeros((1, 0), dtype=torch.long, device=device)
+        self.rules = ControlTokenRules(control, config.max_images)
+        hook = None if logits_processor is None else HookProcessor(logits_processor, self.token_ids)
+        self.processors = logits_processors(config, rules=self.rules, hook=hook)
         self.segments: list[str] = []  # finished text segments; images sit between neighbours
         self.images: list[Image.Image | None] = []
         self.captions: list[str] = []
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.detokenizer = detokenizer_for(tokenizer)
         self.caption_start: int | None = None  # context length before `<start>` while a caption is decoded
         self.caption_ids: list[int] = []
         self.finish_reason = FINISH_LENGTH
@@ -336,18 +500,17 @@ class AnswerDecoder:
         config = self.config
         if not (len(self.token_ids) < config.max_new_tokens and self.length < self.max_length):
             return self._finish()
-        if self.logits_processor is not None:
-            logits = self.logits_processor(self.token_ids, logits)
         in_caption = self.caption_start is not None
-        # `<start>` stays allowed outside a caption even with the image budget spent: see the module docstring.
-        mask = self.control.masks[in_caption]
-        token = sample_next_token(logits.masked_fill(mask, float("-inf")), config, self.generator)  # (1,)
+        self.rules.in_caption, self.rules.images_made = in_caption, len(self.images)
+        token = sample_next_token(logits, config, self.generator, self.processors, self.penalized_ids)  # (1,)
         token_id = int(token)  # the one host sync per step: control flow and text need the id
         control = self.control
-        if not in_caption and token_id == control.start_token_id and len(self.images) >= config.max_images:
+        if self.rules.ends_answer(token_id):
             self.finish_reason = FINISH_IMAGE_LIMIT
             return self._finish()
         self.token_ids.append(token_id)
+        if config.repetition_penalty != 1.0 and token_id not in control.ids:
+            self.penalized_ids = torch.cat([self.penalized_ids, token.view(1, 1)], dim=1)
 
         if not in_caption:
             if token_id == control.eos_token_id:
@@ -383,7 +546,7 @@ class AnswerDecoder:
         self.captions.append(caption)
         self._events.append(ImageEvent(image, caption))
         position, self.caption_start = self.caption_start, None
-        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.detokenizer = detokenizer_for(self.tokenizer)
         unfed, self._unfed = self._unfed, []
         if self._closing:
             return self._done()
@@ -483,9 +646,9 @@ class InterleavedGenerator:
     def stream(
         self,
         conversation: Conversation,
-        config: GenerationConfig | None = None,
+        config: DecodingConfig | None = None,
         *,
-        logits_processor: LogitsProcessor | None = None,
+        logits_processor: LogitsHook | None = None,
     ) -> Iterator[GenerationEvent]:
         """Generate the assistant turn answering `conversation` (which ends with a user turn), as events.
 
@@ -493,7 +656,7 @@ class InterleavedGenerator:
         an image cannot be read (or was never rendered: None in an earlier assistant turn). Files are
         checked as they are read; `validate_conversation` gives fuller messages for stored records.
         """
-        config = (config or GenerationConfig()).validate()
+        config = (config or DecodingConfig()).validate()
         if self.model.training:
             logger.warning("generating with a model in training mode (dropout is active); call model.eval()")
         device = self.model.device
@@ -534,7 +697,7 @@ class InterleavedGenerator:
         return list(encoded.input_ids), pixel_values
 
     def answer_decoder(
-        self, config: GenerationConfig, prompt_length: int, logits_processor: LogitsProcessor | None = None
+        self, config: DecodingConfig, prompt_length: int, logits_processor: LogitsHook | None = None
     ) -> AnswerDecoder:
         """The decoding rules of one answer to a prompt of `prompt_length` tokens."""
         return AnswerDecoder(
@@ -555,9 +718,9 @@ class InterleavedGenerator:
     def generate_turn(
         self,
         conversation: Conversation,
-        config: GenerationConfig | None = None,
+        config: DecodingConfig | None = None,
         *,
-        logits_processor: LogitsProcessor | None = None,
+        logits_processor: LogitsHook | None = None,
     ) -> Turn:
         """The finished answer: `<image>` markers in its content, PIL images (or None) and captions."""
         return self.generate(conversation, config, logits_processor=logits_processor).turn
@@ -565,9 +728,9 @@ class InterleavedGenerator:
     def generate(
         self,
         conversation: Conversation,
-        config: GenerationConfig | None = None,
+        config: DecodingConfig | None = None,
         *,
-        logits_processor: LogitsProcessor | None = None,
+        logits_processor: LogitsHook | None = None,
     ) -> DoneEvent:
         """Run `stream` to the end; the final event, with the finish reason and the sampled token ids."""
         for event in self.stream(conversation, config, logits_processor=logits_processor):

@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from textbind.config import ConfigError
 from textbind.data.conversation import DataError, parse_record, validate_conversation
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 from textbind.io import atomic_write_json
 from textbind.runtime import (
     add_generation_arguments,
@@ -47,7 +47,7 @@ def run_inference(
     generator: InterleavedGenerator,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
-    config: GenerationConfig,
+    config: DecodingConfig,
     *,
     image_dir: str = "",
     limit: int = 0,
@@ -88,7 +88,7 @@ def _answer_record(
     index: int,
     input_file: Path,
     images_dir: Path,
-    config: GenerationConfig,
+    config: DecodingConfig,
     image_dir: str,
 ) -> dict[str, Any]:
     """The record with its generated turn appended; DataError naming the record if it is unusable."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from textbind.config import DTYPE_NAMES, ConfigError, ModelConfig, load_config
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -202,23 +202,30 @@ def setup_from_arguments(args: argparse.Namespace) -> GeneratorSetup:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = GenerationConfig()
+    defaults = DecodingConfig()
     group = parser.add_argument_group("generation")
     group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     group.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     group.add_argument("--temperature", type=float, default=defaults.temperature)
     group.add_argument("--top-p", type=float, default=defaults.top_p)
+    group.add_argument("--top-k", type=int, default=defaults.top_k, help="sample among the k most likely; 0: off")
+    group.add_argument("--min-p", type=float, default=defaults.min_p, help="min-p sampling threshold; 0: off")
+    group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                       help="> 1 discourages repeating the answer's text (greedy too); 1: off")
     group.add_argument("--seed", type=int, default=defaults.seed, help="sampling and image seed")
     group.add_argument("--max-images", type=int, default=defaults.max_images, help="images per answer")
     group.add_argument("--max-caption-tokens", type=int, default=defaults.max_caption_tokens)
 
 
-def generation_config_from_arguments(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
+def generation_config_from_arguments(args: argparse.Namespace) -> DecodingConfig:
+    return DecodingConfig(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         max_images=args.max_images,
         max_caption_tokens=args.max_caption_tokens,

@@ -16,13 +16,13 @@ from textbind.eval.config import EvalConfig
 from textbind.eval.harness import PREDICTIONS_FILE, read_predictions, run_benchmark
 from textbind.eval.report import write_html_report
 from textbind.eval.textbind_eval import TextBindEval
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run"]
-CONFIG = GenerationConfig(max_new_tokens=6)
+CONFIG = DecodingConfig(max_new_tokens=6)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, conversations, tiny_gener
 
     # A run with other settings does not mix its answers into these.
     with pytest.raises(DataError, match="other settings"):
-        run_benchmark(tiny_generator, benchmark, out, GenerationConfig(max_new_tokens=7), progress=False)
+        run_benchmark(tiny_generator, benchmark, out, DecodingConfig(max_new_tokens=7), progress=False)
     path.write_text(path.read_text().rstrip("\n"))  # killed between a record and its newline
     run_benchmark(tiny_generator, benchmark, out, CONFIG, progress=False)
     assert list(read_predictions(path)) == ["0:1", "0:3", "1:1", "2:1", "3", "4:1"]

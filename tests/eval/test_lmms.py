@@ -10,7 +10,7 @@ from PIL import Image
 
 from textbind.data.conversation import DataError, Turn
 from textbind.eval.lmms import LmmsAnswerer, conversation_from_request, cut_at_stop, generation_config_for
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def test_requests_become_conversations(image_dir):
 
 
 def test_generation_kwargs_and_stop_strings():
-    base = GenerationConfig(max_new_tokens=64, seed=3)
+    base = DecodingConfig(max_new_tokens=64, seed=3)
     greedy = generation_config_for(base, {"max_new_tokens": 16, "temperature": 0, "do_sample": False})
     assert greedy.max_new_tokens == 16 and not greedy.do_sample and greedy.seed == 3
     sampled = generation_config_for(base, {"temperature": 0.7, "do_sample": True, "top_p": 0.9})
@@ -44,12 +44,12 @@ def test_generation_kwargs_and_stop_strings():
 def test_answers_text_or_text_with_images(tmp_path, scripted, tiny_generator, image_dir):
     drawn = Image.new("RGB", (16, 16), (0, 200, 0))
     drawer = scripted(lambda c: Turn("assistant", "Here it is: <image> Nice?", [drawn], ["a green square"]))
-    answer = LmmsAnswerer(drawer, GenerationConfig(), tmp_path / "images").answer(
+    answer = LmmsAnswerer(drawer, DecodingConfig(), tmp_path / "images").answer(
         "Draw a green square.", [], {"until": ["\n\n"]}, "gen_test_0")
     parsed = json.loads(answer)
     assert parsed["text"] == "Here it is: Nice?" and parsed["captions"] == ["a green square"]
     assert [Image.open(path).size for path in parsed["images"]] == [(16, 16)]
-    text = LmmsAnswerer(tiny_generator, GenerationConfig(max_new_tokens=5), tmp_path).answer(
+    text = LmmsAnswerer(tiny_generator, DecodingConfig(max_new_tokens=5), tmp_path).answer(
         "What is this?", [Image.open(image_dir / "2.png")], {"max_new_tokens": 4, "temperature": 0}, "mme_0")
     assert isinstance(text, str) and not text.startswith("{")
 

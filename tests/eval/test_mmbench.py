@@ -12,7 +12,7 @@ from PIL import Image
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import run_benchmark
 from textbind.eval.mmbench import MMBench, extract_choice, read_tsv, rotate
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 # The image column first and the options after `answer`: options must be read by column name.
 HEADER = ["image", "index", "question", "hint", "answer", "A", "B", "C", "D", "category", "l2-category", "split"]
@@ -88,7 +88,7 @@ def test_circular_eval_scored_by_hand(tmp_path, scripted):
     path = tmp_path / "mmbench_dev.tsv"
     _write_tsv(path, with_answers=True)
     answerer = scripted(_answer)
-    report = run_benchmark(answerer, MMBench(str(path), EvalConfig()), tmp_path / "out", GenerationConfig(),
+    report = run_benchmark(answerer, MMBench(str(path), EvalConfig()), tmp_path / "out", DecodingConfig(),
                            progress=False)
     # Items: 4 + 3 + 2 rotations, and the broken question once. Asked: 9.
     assert report["num_items"] == 10 and report["num_failed"] == 1 and answerer.calls == 9
@@ -109,7 +109,7 @@ def test_test_split_writes_the_submission(tmp_path, scripted):
     path = tmp_path / "mmbench_test.tsv"
     _write_tsv(path, with_answers=False)
     report = run_benchmark(scripted(_answer), MMBench(str(path), EvalConfig()), tmp_path / "out",
-                           GenerationConfig(), progress=False)
+                           DecodingConfig(), progress=False)
     assert report["num_items"] == 4 and "accuracy" not in report["metrics"]
     sheet = openpyxl.load_workbook(report["details"]["submission"]).active
     rows = [[cell.value for cell in row] for row in sheet.iter_rows()]

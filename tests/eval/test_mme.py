@@ -11,7 +11,7 @@ from textbind.eval.cli import main as eval_main
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import read_predictions, run_benchmark
 from textbind.eval.mme import MME, extract_yes_no, score_results
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 # question -> the scripted model's answer; ground truths in the files below.
 ANSWERS = {
@@ -69,7 +69,7 @@ def test_yes_no_extraction():
 
 def test_mme_run_and_official_score(mme_dir, tmp_path, scripted):
     answerer = scripted(lambda conversation: ANSWERS[conversation.turns[-1].content.split("\n", 1)[1]])
-    report = run_benchmark(answerer, MME(str(mme_dir), EvalConfig()), tmp_path / "out", GenerationConfig(),
+    report = run_benchmark(answerer, MME(str(mme_dir), EvalConfig()), tmp_path / "out", DecodingConfig(),
                            progress=False)
     # By hand. existence: 3 of 4 right (acc 75), image 1 fully right of 2 (acc+ 50) -> 125.
     # artwork: 1 of 2 (50), 0 of 1 image -> 50. count: both failed -> 0. code_reasoning: 2/2, 1/1 -> 200.

@@ -12,7 +12,7 @@ from textbind.data.conversation import Turn
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import run_benchmark
 from textbind.eval.registry import build_benchmark
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 from textbind.toy.datagen import write_eval_sets
 from textbind.toy.evaluate import evaluate
 
@@ -55,7 +55,7 @@ def _spoil(caption: str) -> str:
 
 def test_toy_benchmark_scores_right_and_wrong_answers(eval_dir, tmp_path, scripted):
     benchmark = build_benchmark("toy", str(eval_dir), EvalConfig())
-    right = run_benchmark(scripted(_oracle(eval_dir)), benchmark, tmp_path / "right", GenerationConfig(),
+    right = run_benchmark(scripted(_oracle(eval_dir)), benchmark, tmp_path / "right", DecodingConfig(),
                           progress=False)
     metrics = right["metrics"]
     assert right["num_items"] == 12
@@ -65,7 +65,7 @@ def test_toy_benchmark_scores_right_and_wrong_answers(eval_dir, tmp_path, script
     kinds = right["details"]["drawing_by_kind"]
     assert set(kinds) <= {"draw", "edit"} and all(value == 1.0 for value in kinds.values())
     wrong = run_benchmark(scripted(_oracle(eval_dir, wrong=True)), benchmark, tmp_path / "wrong",
-                          GenerationConfig(), progress=False)
+                          DecodingConfig(), progress=False)
     assert wrong["metrics"]["caption_attribute_accuracy"]["value"] == 0.0
     assert wrong["metrics"]["describe_colour_accuracy"]["value"] == 1.0  # colours were left right
     assert wrong["metrics"]["drawing_accuracy"]["value"] == 0.0

@@ -130,6 +130,21 @@ def attention_rule(query_segment, key_segment, query_sample, key_sample, query_p
     return (inside & (main_to_main | branch_to_prefix | branch_to_own)) | padding_self
 
 
+def refuse_flash_attention(batch: Batch, attn_implementation: str | None) -> None:
+    """Raise ValueError when `attn_implementation` is a FlashAttention kernel: it takes only padding masks
+    (it would silently attend causally across branches). Needs no flash-attn package to tell."""
+    if attn_implementation is None or "flash" not in attn_implementation:
+        return
+    rows = [batch.sources[row] for row in range(len(batch.sources))
+            if bool((batch.segment_ids[row] > 0).any()) or batch.is_packed]
+    shown = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+    raise ValueError(
+        f"model.attn_implementation={attn_implementation} cannot apply the branch attention mask this batch needs "
+        f"(caption branches or packed samples{': ' + shown if shown else ''}): FlashAttention takes padding masks "
+        "only. Use model.attn_implementation=sdpa (or eager), or flex_attention on a GPU."
+    )
+
+
 def _row_inputs(segment_ids: torch.Tensor, branch_prefix: torch.Tensor, sample_ids: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ids and key positions, defaulting to one sample per row counted from position 0."""
@@ -163,16 +178,19 @@ def allowed_attention(segment_ids: torch.Tensor, branch_prefix: torch.Tensor, sa
     ])
 
 
-def attention_mask_for(batch: Batch, dtype: torch.dtype, chunk_elements: int = 1 << 22) -> torch.Tensor:
+def attention_mask_for(batch: Batch, dtype: torch.dtype, attn_implementation: str | None = None,
+                       chunk_elements: int = 1 << 22) -> torch.Tensor:
     """The mask to give an sdpa/eager model: a (B, L) padding mask when the batch is plain (no caption
     branch, one sample per row: the fast causal path), else the (B, 1, L, L) additive float mask of
-    `attention_rule`.
+    `attention_rule`. `attn_implementation` (the language model's) is checked against the 4-D mask: see
+    `refuse_flash_attention`.
 
     The float mask is the only O(B*L*L) tensor made: it is filled in place, a block of query rows at a
     time, so the boolean temporaries stay under `chunk_elements` elements.
     """
     if not batch.needs_structured_mask:
         return (batch.segment_ids != PADDING_SEGMENT).long()
+    refuse_flash_attention(batch, attn_implementation)
     sample_ids, position_ids = _row_inputs(batch.segment_ids, batch.branch_prefix, batch.sample_ids,
                                            batch.position_ids)
     batch_size, length = batch.segment_ids.shape

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from textbind.data.conversation import Conversation, DataError
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Benchmark(Protocol):
     def items(self) -> list[EvalItem]:
         """Every item, in a stable order."""
 
-    def generation_config(self, config: GenerationConfig) -> GenerationConfig:
+    def generation_config(self, config: DecodingConfig) -> DecodingConfig:
         """The generation settings for this benchmark, given the run's (e.g. no images for multiple choice)."""
 
     def score(self, records: list[dict[str, Any]], output_dir: Path) -> Scores:
@@ -147,7 +147,7 @@ def _check_run_settings(directory: Path, settings: dict[str, Any], restart: bool
     atomic_write_json(run_file, settings)
 
 
-def answer_item(generator: Any, item: EvalItem, config: GenerationConfig, directory: Path) -> dict[str, Any]:
+def answer_item(generator: Any, item: EvalItem, config: DecodingConfig, directory: Path) -> dict[str, Any]:
     """Generate one item's answer; the record to store (with `error` set when the item's input is unusable)."""
     record: dict[str, Any] = {"id": item.item_id, "reference": item.reference, "error": item.error}
     if item.error is not None or item.make_conversation is None:
@@ -191,7 +191,7 @@ def run_benchmark(
     generator: Any,
     benchmark: Benchmark,
     output_dir: str | os.PathLike,
-    config: GenerationConfig,
+    config: DecodingConfig,
     *,
     limit: int = 0,
     restart: bool = False,

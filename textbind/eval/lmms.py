@@ -28,7 +28,7 @@ from PIL import Image
 
 from textbind import IMAGE_TOKEN
 from textbind.data.conversation import Conversation, DataError, Turn
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 MODEL_ID = "textbind"
 MODEL_CLASS_PATH = "textbind.eval.lmms_model.TextBindLMMs"
@@ -64,7 +64,7 @@ def conversation_from_request(context: str, visuals: list[Any] | None, source: s
     return Conversation([Turn("user", context, images)], source=source)
 
 
-def generation_config_for(base: GenerationConfig, gen_kwargs: dict[str, Any] | None) -> GenerationConfig:
+def generation_config_for(base: DecodingConfig, gen_kwargs: dict[str, Any] | None) -> DecodingConfig:
     """lmms-eval's generation kwargs over the model's defaults (temperature 0 or do_sample False: greedy)."""
     gen_kwargs = gen_kwargs or {}
     config = base
@@ -90,7 +90,7 @@ def cut_at_stop(text: str, until: Any) -> str:
 class LmmsAnswerer:
     """Answers lmms-eval requests with an InterleavedGenerator; generated images are saved under output_dir."""
 
-    def __init__(self, generator: Any, config: GenerationConfig, output_dir: str | os.PathLike) -> None:
+    def __init__(self, generator: Any, config: DecodingConfig, output_dir: str | os.PathLike) -> None:
         self.generator = generator
         self.config = config
         self.output_dir = Path(output_dir)

@@ -34,7 +34,7 @@ from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import EvalItem, Metric, Scores, file_fingerprint
 from textbind.eval.metrics import mean_interval
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class MMBench:
         return {"file": file_fingerprint(self.path), "circular": self.options.circular,
                 "instruction": self.options.mmbench_instruction}
 
-    def generation_config(self, config: GenerationConfig) -> GenerationConfig:
+    def generation_config(self, config: DecodingConfig) -> DecodingConfig:
         return replace(config, max_images=0)  # a letter is asked for; an image cannot be scored
 
     def has_answers(self) -> bool:

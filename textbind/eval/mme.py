@@ -26,7 +26,7 @@ from typing import Any
 from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import EvalItem, Metric, Scores
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 from textbind.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class MME:
     def settings(self) -> dict[str, Any]:
         return {"path": str(self.root.resolve()), "instruction": self.options.mme_instruction}
 
-    def generation_config(self, config: GenerationConfig) -> GenerationConfig:
+    def generation_config(self, config: DecodingConfig) -> DecodingConfig:
         return replace(config, max_images=0)  # a yes/no answer has no image to score
 
     def subtask_folders(self) -> list[Path]:

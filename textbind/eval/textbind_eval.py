@@ -36,7 +36,7 @@ from textbind.eval.metrics import (
     presence_scores,
     rouge_l,
 )
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class TextBindEval:
     def settings(self) -> dict[str, Any]:
         return {"file": file_fingerprint(self.path), "turns": self.options.turns, "image_dir": self.options.image_dir}
 
-    def generation_config(self, config: GenerationConfig) -> GenerationConfig:
+    def generation_config(self, config: DecodingConfig) -> DecodingConfig:
         return config
 
     def items(self) -> list[EvalItem]:

@@ -118,4 +118,5 @@ def attention_inputs(model: torch.nn.Module, batch: Batch) -> tuple[Batch, torch
     if uses_flex(model) and batch.needs_structured_mask:
         padded = batch.padded_to(bucket_length(batch.input_ids.shape[1]))
         return padded, block_mask_for(padded)
-    return batch, attention_mask_for(batch, model.dtype)
+    attn_implementation = getattr(model.language_model.config, "_attn_implementation", None)
+    return batch, attention_mask_for(batch, model.dtype, attn_implementation)

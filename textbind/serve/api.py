@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textbind import IMAGE_TOKEN
 from textbind.data.conversation import Conversation, DataError, Turn
-from textbind.generation import DoneEvent, GenerationConfig, ImageEvent, TextEvent
+from textbind.generation import DecodingConfig, DoneEvent, ImageEvent, TextEvent
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096
     max_new_tokens_limit: int = 2048
     local_image_dir: str | None = None  # image_url may name files under this directory; None: data URLs only
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=512))
+    generation: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=512))
 
 
 class APIError(Exception):
@@ -241,7 +241,7 @@ def _number(body: dict[str, Any], name: str, kind: type, low: float | None = Non
 @dataclass
 class ChatRequest:
     conversation: Conversation
-    config: GenerationConfig
+    config: DecodingConfig
     render_images: bool
     stream: bool
     include_usage: bool
@@ -265,6 +265,10 @@ def chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
     temperature = _number(body, "temperature", float, 0.0, 2.0)
     top_p = _number(body, "top_p", float, 0.0, 1.0)
     seed = _number(body, "seed", int, 0, 2**32 - 1)
+    # Not in OpenAI's schema; the names and meanings other OpenAI-compatible servers (vLLM) accept as extra fields.
+    top_k = _number(body, "top_k", int, 0)
+    min_p = _number(body, "min_p", float, 0.0, 1.0)
+    repetition_penalty = _number(body, "repetition_penalty", float, 0.01, 10.0)
     config = settings.generation
     do_sample = config.do_sample if temperature is None else temperature > 0
     config = replace(
@@ -274,6 +278,9 @@ def chat_request(body: Any, settings: ServerSettings) -> ChatRequest:
         temperature=temperature if temperature else config.temperature,
         top_p=top_p if top_p else config.top_p,
         seed=seed if seed is not None else (config.seed if not do_sample else None),
+        top_k=config.top_k if top_k is None else top_k,
+        min_p=config.min_p if min_p is None else min_p,
+        repetition_penalty=config.repetition_penalty if repetition_penalty is None else repetition_penalty,
     )
     try:
         config.validate()

@@ -58,8 +58,8 @@ from textbind import IMAGE_TOKEN
 from textbind.data.conversation import Conversation, DataError, Turn, load_image
 from textbind.generation import (
     FINISH_IMAGE_LIMIT,
+    DecodingConfig,
     DoneEvent,
-    GenerationConfig,
     ImageEvent,
     InterleavedGenerator,
     TextEvent,
@@ -110,7 +110,7 @@ class DemoSettings:
     session_seconds: float = 3600  # a session (its images) is forgotten this long after its last message
     max_sessions: int = 1000  # sessions kept at once; past it the least recently used one is forgotten
     max_queue_size: int = 64
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256))
+    generation: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=256))
     max_new_tokens_limit: int = 1024  # the slider's maximum
 
     def validate(self) -> DemoSettings:
@@ -279,15 +279,15 @@ def generation_config(
     *,
     max_images: int,
     max_caption_tokens: int,
-) -> GenerationConfig:
-    """The controls' values -> a validated GenerationConfig (ValueError names a bad value).
+) -> DecodingConfig:
+    """The controls' values -> a validated DecodingConfig (ValueError names a bad value).
 
     A seed that is empty or negative means a fresh random seed for each answer.
     """
     if decoding not in DECODING_CHOICES:
         raise ValueError(f"decoding must be one of {DECODING_CHOICES}, got {decoding!r}")
     seed = check_seed(seed)
-    return GenerationConfig(
+    return DecodingConfig(
         max_new_tokens=int(max_new_tokens),
         do_sample=decoding == DECODING_TOP_P,
         temperature=float(temperature),

@@ -19,7 +19,7 @@ from typing import Any
 
 from textbind.batch_generation import BatchedGenerator, BatchRequest, PreparedRequest
 from textbind.data.conversation import Conversation
-from textbind.generation import GenerationConfig, GenerationEvent, InterleavedGenerator
+from textbind.generation import DecodingConfig, GenerationEvent, InterleavedGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,17 @@ class Engine:
     def max_length(self) -> int:
         return self.generator.max_length
 
+    # What a client of the engine reads of the model (the demo counts tokens and shrinks uploads with them).
+    @property
+    def tokenizer(self) -> Any:
+        return self.generator.tokenizer
+
+    @property
+    def image_processor(self) -> Any:
+        return self.generator.image_processor
+
     def prepare(
-        self, conversation: Conversation, config: GenerationConfig, *, render_images: bool = True
+        self, conversation: Conversation, config: DecodingConfig, *, render_images: bool = True
     ) -> PreparedRequest:
         """Check and encode a request (raises DataError); any thread."""
         with self._prepare_lock:
@@ -89,10 +98,10 @@ class Engine:
         return future
 
     def stream(
-        self, conversation: Conversation, config: GenerationConfig | None = None
+        self, conversation: Conversation, config: DecodingConfig | None = None
     ) -> Iterator[GenerationEvent]:
         """The events of one answer, like `InterleavedGenerator.stream`, decoded in the shared batch."""
-        prepared = self.prepare(conversation, (config or GenerationConfig()).validate())
+        prepared = self.prepare(conversation, (config or DecodingConfig()).validate())
         events: queue.Queue = queue.Queue()
         handle = self.submit(prepared, events.put)
         try:

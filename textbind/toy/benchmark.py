@@ -21,7 +21,7 @@ from typing import Any
 from textbind.data.conversation import Conversation, DataError, Turn, parse_record
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import EvalItem, Metric, Scores, file_fingerprint
-from textbind.generation import GenerationConfig
+from textbind.generation import DecodingConfig
 from textbind.toy.world import COLOURS, parse_caption, scene_attributes_match
 
 DESCRIBE_PROMPT = "Describe this image. <image>"
@@ -59,7 +59,7 @@ class ToyBenchmark:
         return {"describe": file_fingerprint(self.eval_dir / "describe.json"),
                 "draw": file_fingerprint(self.eval_dir / "draw.json"), "limit_per_set": self.limit_per_set}
 
-    def generation_config(self, config: GenerationConfig) -> GenerationConfig:
+    def generation_config(self, config: DecodingConfig) -> DecodingConfig:
         return replace(config, max_new_tokens=min(config.max_new_tokens, MAX_NEW_TOKENS),
                        max_images=min(config.max_images, MAX_IMAGES))
 

@@ -32,7 +32,7 @@ import torch
 from textbind.config import load_config
 from textbind.eval.harness import run_benchmark
 from textbind.eval.report import write_html_report
-from textbind.generation import GenerationConfig, InterleavedGenerator
+from textbind.generation import DecodingConfig, InterleavedGenerator
 from textbind.runtime import DecoderKind, GeneratorSetup, build_generator
 from textbind.toy.benchmark import DESCRIBE_PROMPT, MAX_IMAGES, MAX_NEW_TOKENS, ToyBenchmark
 
@@ -49,7 +49,7 @@ def evaluate(
 
     The harness's files go to `output_dir` (a temporary directory when None).
     """
-    config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, max_images=MAX_IMAGES)
+    config = DecodingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, max_images=MAX_IMAGES)
     benchmark = ToyBenchmark(str(eval_dir), limit_per_set=limit)
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(output_dir) if output_dir is not None else Path(scratch)
