@@ -28,7 +28,7 @@ OUT=${OUT:-runs/quickstart}
 DATA=${DATA:-data/toy}
 MODEL_DIR=${MODEL_DIR:-checkpoint/toy}
 SEED=${SEED:-0}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-900}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-}  # empty: textbind toy pretrain's default (1500)
 STAGE1_SAMPLES=${STAGE1_SAMPLES:-7680}
 STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-6400}
 STAGE2_PAIRS=${STAGE2_PAIRS:-$STAGE2_CONVERSATIONS}
@@ -84,7 +84,7 @@ python3 -m textbind toy build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
 
 echo "== pretraining the vision encoder (the toy stand-in for BLIP-2's pretraining)"
 pretrain_started=$(date +%s.%N)
-python3 -m textbind toy pretrain --model-dir "$MODEL_DIR" --steps "$PRETRAIN_STEPS" --seed "$SEED"
+python3 -m textbind toy pretrain --model-dir "$MODEL_DIR" ${PRETRAIN_STEPS:+--steps "$PRETRAIN_STEPS"} --seed "$SEED"
 pretrain_seconds=$(seconds_since "$pretrain_started")
 SHARDS="$DATA/stage1/{00000..$(printf %05d $(( (STAGE1_SAMPLES + 999) / 1000 - 1 )))}.tar"
 MODEL_ENV=(VISION_MODEL="$MODEL_DIR/blip2_vision_model" LANGUAGE_MODEL="$MODEL_DIR/llama" PROCESSOR="$MODEL_DIR/processor")

@@ -10,7 +10,7 @@ evaluation images -- and writes them back in the BLIP-2 layout (``MODEL_DIR/blip
 ``MODEL_DIR/blip2_qformer.safetensors``). The heads are dropped; stage 1 then aligns the encoder
 with the language model exactly as in the real recipe.
 
-    python -m textbind.toy.pretrain --model-dir checkpoint/toy --steps 900
+    textbind toy pretrain --model-dir checkpoint/toy --steps 1500
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 PRETRAIN_STREAM = "pretrain"
 CHECK_STREAM = "pretrain-check"
 REPORT_FILE = "pretrain.json"
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = 1500
 _COLOURS, _SHAPES, _SIZES = list(COLOURS), list(SHAPES), list(SIZES)
 # What the heads predict; a single-object scene's second slot takes each attribute's extra "none" class.
 TARGETS: tuple[tuple[str, int], ...] = (
