@@ -90,39 +90,42 @@ def free_port() -> int:
 
 
 @contextmanager
-def demo_server(env: dict[str, str], arguments: list[str], log_path: Path, timeout: float = 90.0) -> Iterator[str]:
-    """`bash scripts/run_demo.sh ARGUMENTS` with `env` added, in its own process group; yields its URL.
-
-    The server is always torn down (SIGTERM to the group, SIGKILL after 10 s); its output goes to
-    `log_path`, quoted in the error if it does not come up within `timeout` seconds.
-    """
-    port = env["PORT"]
-    url = f"http://127.0.0.1:{port}/"
+def script_server(command: list[str], env: dict[str, str], log_path: Path, ready_url: str, name: str,
+                  timeout: float = 90.0) -> Iterator[None]:
+    """Run `command` (a script of scripts/) with `env` added, in its own process group, until `ready_url`
+    answers 200; then yield. The server is always torn down (SIGTERM to the group, SIGKILL after 10 s); its
+    output goes to `log_path`, quoted in the error if it exits or does not come up within `timeout` seconds."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            ["bash", "scripts/run_demo.sh", *arguments], cwd=REPOSITORY, env={**os.environ, **env},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        process = subprocess.Popen(command, cwd=REPOSITORY, env={**os.environ, **env}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"demo server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+                    raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
                 try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
+                    with urllib.request.urlopen(ready_url, timeout=2) as response:
                         if response.status == 200:
                             break
                 except OSError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"demo server not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
+                    raise RuntimeError(f"{name} not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(0.25)
-            yield url
+            yield
         finally:
-            _stop(process)
+            stop_process_group(process)
 
 
-def _stop(process: subprocess.Popen) -> None:
+@contextmanager
+def demo_server(env: dict[str, str], arguments: list[str], log_path: Path, timeout: float = 90.0) -> Iterator[str]:
+    """`bash scripts/run_demo.sh ARGUMENTS` with `env` added (see `script_server`); yields its URL."""
+    url = f"http://127.0.0.1:{env['PORT']}/"
+    with script_server(["bash", "scripts/run_demo.sh", *arguments], env, log_path, url, "demo server", timeout):
+        yield url
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)

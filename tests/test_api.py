@@ -24,8 +24,8 @@ from demo_helpers import (
     DRAW_CAPTION,
     DRAW_PROMPT,
     REPOSITORY,
-    _stop,
     free_port,
+    script_server,
     toy_image,
     train_demo_checkpoint,
 )
@@ -40,27 +40,9 @@ MAX_BODY_MEGABYTES = 1
 def api_server(env: dict[str, str], arguments: list[str], log_path: Path, timeout: float = 120.0) -> Iterator[str]:
     """`bash scripts/run_server.sh ARGUMENTS` in its own process group; yields its base URL; always stopped."""
     url = f"http://127.0.0.1:{env['PORT']}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(["bash", "scripts/run_server.sh", *arguments], cwd=REPOSITORY,
-                                   env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not up after {timeout} s:\n{log_path.read_text()[-4000:]}")
-                time.sleep(0.25)
-            yield url
-        finally:
-            _stop(process)
+    with script_server(["bash", "scripts/run_server.sh", *arguments], env, log_path, f"{url}/health", "server",
+                       timeout):
+        yield url
 
 
 @pytest.fixture(scope="module")

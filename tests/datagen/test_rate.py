@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +17,7 @@ from textbind.datagen.export import ExportConfig, export_records
 from textbind.datagen.filters import filter_records
 from textbind.datagen.rate import RatingSession, RatingStore, load_conversations_for_rating
 
-from demo_helpers import free_port
+from demo_helpers import free_port, script_server
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -48,31 +44,8 @@ def write_filtered(folder: Path) -> Path:
 @contextmanager
 def rating_server(env: dict[str, str], log_path: Path, timeout: float = 90.0) -> Iterator[str]:
     url = f"http://127.0.0.1:{env['PORT']}/"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(["bash", "scripts/rate_data.sh"], cwd=REPOSITORY, env={**os.environ, **env},
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"rating page exited with {process.returncode}:\n{log_path.read_text()}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rating page not up after {timeout} s:\n{log_path.read_text()}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    with script_server(["bash", "scripts/rate_data.sh"], env, log_path, url, "rating page", timeout):
+        yield url
 
 
 def rate_in_browser(url: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from textbind import IMAGE_TOKEN
 from textbind.datagen.filters import IMAGE_SPAN, split_utterances
-from textbind.datagen.rate import RATINGS, conversation_id, read_ratings
+from textbind.datagen.rate import RATINGS, conversation_id, read_ratings, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -78,25 +78,6 @@ def seed_example(record: dict, identifier: str) -> dict:
     if "conversation" in record:
         return _from_stage2(record, identifier)
     return _from_filtered(record, identifier)
-
-
-def read_records(path: Path) -> list[dict]:
-    """filtered.jsonl (one object a line) or a stage-2 JSON list."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    logger.warning("%s line %d: not valid JSON (%s); skipped", path, number, error)
-                    records.append(None)
-        return records
-    value = json.loads(text)
-    if not isinstance(value, list):
-        raise ValueError(f"{path}: expected a JSON list or a .jsonl file")
-    return value
 
 
 def read_pool(path: Path) -> list[dict]:

@@ -102,25 +102,31 @@ def _stage2_view(record: dict, identifier: str, image_dir: str) -> ConversationV
     return view
 
 
-def load_conversations_for_rating(path: str | os.PathLike, image_dir: str = "") -> list[ConversationView]:
-    """filtered.jsonl (or raw.jsonl) or a stage-2 JSON file -> the conversations to rate, in file order."""
-    file = Path(path)
-    text = file.read_text(encoding="utf-8")
-    views: list[ConversationView] = []
-    seen: set[str] = set()
-    if file.suffix == ".jsonl":
+def read_records(path: Path) -> list[dict]:
+    """filtered.jsonl (one object a line; an unreadable line is None, with a warning) or a stage-2 JSON list."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    logger.warning("%s line %d: not valid JSON (%s); skipped", file, number, error)
+                    logger.warning("%s line %d: not valid JSON (%s); skipped", path, number, error)
                     records.append(None)
-    else:
-        records = json.loads(text)
-        if not isinstance(records, list):
-            raise ValueError(f"{file}: expected a JSON list of stage-2 records or a .jsonl file")
+        return records
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected a JSON list or a .jsonl file")
+    return value
+
+
+def load_conversations_for_rating(path: str | os.PathLike, image_dir: str = "") -> list[ConversationView]:
+    """filtered.jsonl (or raw.jsonl) or a stage-2 JSON file -> the conversations to rate, in file order."""
+    file = Path(path)
+    views: list[ConversationView] = []
+    seen: set[str] = set()
+    records = read_records(file)
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             continue
