@@ -14,7 +14,7 @@ from textbind.image_decoder import (
     DiffusersDecoder,
     ImageDecoder,
     SDXLDecoder,
-    build_image_decoder,
+    create_image_decoder,
     resolve_dtype,
 )
 from textbind.testing.tiny_sdxl import build_tiny_sdxl
@@ -117,26 +117,39 @@ def test_diffusers_decoder_wraps_any_saved_pipeline(
     np.testing.assert_array_equal(pixels(image), pixels(base_only_decoder(CAPTION, seed=4)))
 
 
-def test_build_image_decoder(tiny_sdxl_paths: tuple[str, str]) -> None:
+def test_create_image_decoder(tiny_sdxl_paths: tuple[str, str]) -> None:
+    import argparse
+
+    from textbind.runtime import DecoderKind, DiffusionOptions, add_image_decoder_arguments, decoder_kind_from_arguments
+
     base_path, refiner_path = tiny_sdxl_paths
-    assert build_image_decoder(None, None) is None
-    assert build_image_decoder("", None) is None
-    refined = build_image_decoder(base_path, refiner_path, num_inference_steps=2, high_noise_frac=0.5)
+    assert create_image_decoder(DecoderKind.NONE, DiffusionOptions(base=base_path)) is None
+    refined = create_image_decoder(DecoderKind.SDXL, DiffusionOptions(base=base_path, refiner=refiner_path, steps=2,
+                                                                      high_noise_frac=0.5))
     assert isinstance(refined, SDXLDecoder) and refined.refiner is not None
-    base_only = build_image_decoder(base_path, None, num_inference_steps=2)
+    base_only = create_image_decoder(DecoderKind.SDXL, DiffusionOptions(base=base_path, steps=2))
     assert isinstance(base_only, SDXLDecoder) and base_only.refiner is None
-    with pytest.raises(ValueError, match="without a base"):
-        build_image_decoder(None, refiner_path)
+    with pytest.raises(ValueError, match="needs a base"):
+        create_image_decoder(DecoderKind.SDXL, DiffusionOptions(refiner=refiner_path))
+    with pytest.raises(ValueError, match="needs the sdxl image decoder"):
+        create_image_decoder(DecoderKind.DIFFUSERS, DiffusionOptions(base=base_path, refiner=refiner_path))
+    # --image-decoder auto reads the pipeline class in --sd-base: an SDXL base gives the SDXL decoder
+    parser = argparse.ArgumentParser()
+    add_image_decoder_arguments(parser)
+    assert decoder_kind_from_arguments(parser.parse_args(["--sd-base", base_path])) == DecoderKind.SDXL
+    assert decoder_kind_from_arguments(parser.parse_args([])) == DecoderKind.NONE
 
 
 def test_missing_paths_are_named_in_the_error(tmp_path: Path, tiny_sdxl_paths: tuple[str, str]) -> None:
+    from textbind.runtime import DiffusionOptions
+
     missing = tmp_path / "no_such_sdxl"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         SDXLDecoder.from_pretrained(missing)
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         SDXLDecoder.from_pretrained(tiny_sdxl_paths[0], missing)
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
-        build_image_decoder(str(missing), None)
+        create_image_decoder("sdxl", DiffusionOptions(base=str(missing)))
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         DiffusersDecoder.from_pretrained(missing)
     not_a_pipeline = tmp_path / "empty"

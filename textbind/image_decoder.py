@@ -323,27 +323,6 @@ class SDXLDecoder:
                                  output_type="pil").images)
 
 
-def build_image_decoder(base: str | None, refiner: str | None = None, **kwargs: Any) -> ImageDecoder | None:
-    """The decoder a run configures: None without a base path, `SDXLDecoder` for an SDXL base (with the
-    refiner if given), otherwise a `DiffusersDecoder` around whatever text-to-image pipeline `base` holds.
-
-    `kwargs` go to the chosen `from_pretrained`; `high_noise_frac` only means something to SDXL.
-    """
-    if not base:
-        if refiner:
-            raise ValueError(f"An image refiner ({refiner}) was given without a base pipeline")
-        return None
-    class_name = pipeline_class_name(base, "image decoder base")
-    if class_name == SDXL_BASE_CLASS_NAME:
-        return SDXLDecoder.from_pretrained(base, refiner or None, **kwargs)
-    if refiner:
-        raise ValueError(
-            f"A refiner ({refiner}) needs an SDXL base ({SDXL_BASE_CLASS_NAME}); {base} holds {class_name}"
-        )
-    kwargs.pop("high_noise_frac", None)
-    return DiffusersDecoder.from_pretrained(base, **kwargs)
-
-
 def create_image_decoder(kind: Any, options: Any, device: str | torch.device = "cpu") -> ImageDecoder | None:
     """The one place that turns a `textbind.runtime.DecoderKind` and its `DiffusionOptions` into a decoder.
 

@@ -11,7 +11,6 @@ data before the cursor.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import random
@@ -36,6 +35,7 @@ from textbind.data.conversation import Conversation, DataError, Turn
 from textbind.data.packing import collate_packed, prepare_packable_sample
 from textbind.data.samples import prepare_sample
 from textbind.data.sequence import ConversationEncoder, EncodedConversation
+from textbind.seeding import stable_seed
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,6 @@ CAPTION_INSTRUCTIONS = (
     "Give a one-sentence description of this image.",
     "What can you see here?",
 )
-
-
-def stable_seed(*parts: Any) -> int:
-    """A seed that depends only on the parts (not on Python's per-process hash randomisation)."""
-    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 def is_remote(shard: str) -> bool:

@@ -48,8 +48,8 @@ from textbind.datagen.pairs import materialize_images
 from textbind.datagen.prompt import PromptBuilder
 from textbind.datagen.report import update_report
 from textbind.datagen.sample import PlannedConversation, SamplePlan, plan_conversations
-from textbind.datagen.seeding import stable_seed
 from textbind.io import atomic_write_jsonl
+from textbind.seeding import stable_seed
 
 logger = logging.getLogger(__name__)
 

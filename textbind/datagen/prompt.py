@@ -23,7 +23,7 @@ from pathlib import Path
 
 from textbind.data.conversation import DataError
 from textbind.datagen.config import PromptConfig
-from textbind.datagen.seeding import stable_seed
+from textbind.seeding import stable_seed
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_TEMPLATE = DATA_DIR / "prompt_template.txt"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from textbind.datagen.config import SampleConfig
 from textbind.datagen.pairs import Pair
-from textbind.datagen.seeding import stable_seed
+from textbind.seeding import stable_seed
 
 
 @dataclass
