@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The embedded default, on a laptop CPU: build the toy shapes world (image-caption shards and pairs), make the
-# stage-2 conversations with the data engine (textbind datagen run) from the toy pairs, the scripted toy LLM
-# answering over a real OpenAI-compatible HTTP server, build a small random model, pretrain its vision encoder
-# (the toy stand-in for BLIP-2's pretraining), train stage 1 and stage 2 through scripts/run_first_stage.sh and
-# scripts/run_second_stage.sh, evaluate on held-out data (runs/quickstart/eval.json), then chat with the
-# result in the browser demo.
+# The embedded default, on a laptop CPU: build the toy shapes world (image-caption shards and pairs), build a
+# small random model, pretrain its vision encoder and its language model (the toy stand-ins for BLIP-2 and
+# Llama-2), make the stage-2 conversations with the data engine (textbind datagen run) from the toy pairs, the
+# scripted toy LLM answering over a real OpenAI-compatible HTTP server, train stage 1 and stage 2 through
+# scripts/run_first_stage.sh and scripts/run_second_stage.sh, evaluate on held-out data
+# (runs/quickstart/eval.json), then chat with the result in the browser demo.
 #   bash scripts/quickstart.sh [--no-demo] [extra overrides for both stages, e.g. train.max_steps=50]
-# Variables: OUT, DATA, MODEL_DIR, SEED, PRETRAIN_STEPS, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT, STAGE1_SAMPLES,
-# STAGE2_CONVERSATIONS (conversations requested from the data engine; about 9% are then filtered out and 200
-# go to valid/test), STAGE2_PAIRS (toy image-caption pairs the engine draws them from), NUM_CLUSTERS (topic
-# clusters of the pairs), FAULTY_SHARE (share of faulty transcripts the toy LLM writes for the filters),
+# Variables: OUT, DATA, MODEL_DIR, SEED, PRETRAIN_STEPS, LANGUAGE_STEPS, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT,
+# STAGE1_SAMPLES, STAGE2_CONVERSATIONS (conversations requested from the data engine; about 9% are then
+# filtered out and 200 go to valid/test), STAGE2_PAIRS (toy image-caption pairs the engine draws them from),
+# NUM_CLUSTERS (topic clusters of the pairs), FAULTY_SHARE (share of faulty transcripts the toy LLM writes for the filters),
 # EVAL_ITEMS, NUM_GPUS (CPU processes; default 2 on 2+ cores), HOST, PORT, OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,7 @@ DATA=${DATA:-data/toy}
 MODEL_DIR=${MODEL_DIR:-checkpoint/toy}
 SEED=${SEED:-0}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-}  # empty: textbind toy pretrain's default (1500)
+LANGUAGE_STEPS=${LANGUAGE_STEPS:-}  # empty: its default for the language model (330)
 STAGE1_SAMPLES=${STAGE1_SAMPLES:-7680}
 STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-6400}
 STAGE2_PAIRS=${STAGE2_PAIRS:-$STAGE2_CONVERSATIONS}
@@ -52,6 +53,15 @@ python3 -m textbind toy datagen --out "$DATA" --seed "$SEED" --stage1-samples "$
   --samples-per-shard 1000 --pairs "$STAGE2_PAIRS" --stage2-conversations 0 \
   --eval-describe "$EVAL_ITEMS" --eval-draw "$EVAL_ITEMS"
 
+echo "== a small random model (its tokenizer learns the toy world's texts)"
+python3 -m textbind toy build --out "$MODEL_DIR" --seed "$SEED"
+
+echo "== pretraining the vision encoder and, in a second process, the language model"
+pretrain_started=$(date +%s.%N)
+python3 -m textbind toy pretrain --model-dir "$MODEL_DIR" ${PRETRAIN_STEPS:+--steps "$PRETRAIN_STEPS"} \
+  ${LANGUAGE_STEPS:+--language-steps "$LANGUAGE_STEPS"} --seed "$SEED"
+pretrain_seconds=$(seconds_since "$pretrain_started")
+
 echo "== stage-2 conversations: the data engine on the toy pairs, the toy LLM behind a real HTTP server"
 LLM_DIR="$DATA/llm"
 mkdir -p "$LLM_DIR"
@@ -67,25 +77,17 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 [[ -s "$LLM_DIR/port" ]] || { echo "the toy LLM server did not start within 60 s" >&2; exit 1; }
-# Toy captions say everything an image shows, so the pairs are clustered by their captions (the toy vision
-# encoder is only trained further down), in many small clusters: images one edit apart then often meet in
-# one conversation, which the toy LLM turns into drawing-and-editing dialogues. Mini-batch k-means keeps
-# that to seconds. Copies of one scene are distinct drawings here, not near-duplicates.
+# As in TextBind, the pairs are clustered by their images, embedded by the (just pretrained) vision encoder,
+# in many small clusters: images one edit apart then often meet in one conversation, which the toy LLM
+# turns into drawing-and-editing dialogues. Mini-batch k-means keeps that to seconds.
 python3 -m textbind datagen run --config configs/datagen/toy.yaml pairs.path="$DATA/pairs/pairs.jsonl" \
   run.output_dir="$DATA/stage2" run.seed="$SEED" llm.base_url="http://127.0.0.1:$(cat "$LLM_DIR/port")/v1" \
   llm.model=toy-writer sample.num_conversations="$STAGE2_CONVERSATIONS" cluster.num_clusters="$NUM_CLUSTERS" \
-  embed.encoder=hashing embed.modality=caption embed.hashing_features=256 cluster.minibatch_above=0 \
-  cluster.dedup=false
+  embed.model_path="$MODEL_DIR/blip2_vision_model" embed.processor_path="$MODEL_DIR/processor" \
+  cluster.minibatch_above=0
 stop_llm
 trap - EXIT
 
-echo "== a small random model (its tokenizer learns the stage-2 texts)"
-python3 -m textbind toy build --out "$MODEL_DIR" --data "$DATA" --seed "$SEED"
-
-echo "== pretraining the vision encoder (the toy stand-in for BLIP-2's pretraining)"
-pretrain_started=$(date +%s.%N)
-python3 -m textbind toy pretrain --model-dir "$MODEL_DIR" ${PRETRAIN_STEPS:+--steps "$PRETRAIN_STEPS"} --seed "$SEED"
-pretrain_seconds=$(seconds_since "$pretrain_started")
 SHARDS="$DATA/stage1/{00000..$(printf %05d $(( (STAGE1_SAMPLES + 999) / 1000 - 1 )))}.tar"
 MODEL_ENV=(VISION_MODEL="$MODEL_DIR/blip2_vision_model" LANGUAGE_MODEL="$MODEL_DIR/llama" PROCESSOR="$MODEL_DIR/processor")
 started=$(date +%s.%N)

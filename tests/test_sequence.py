@@ -110,3 +110,46 @@ def test_control_tokens_in_text_stay_text(encoder):
 def test_marker_mismatch_raises(encoder):
     with pytest.raises(DataError, match="test record turn 0"):
         encoder.encode(conversation(("user", "two <image> <image>", ["a.png"]), ("assistant", "x")))
+
+
+def test_text_form_writes_each_image_as_its_caption(encoder):
+    """The language pretraining's form of a conversation: an image's caption between <start> and <end> where
+    its tokens would stand, supervised for an assistant image only; the rest as in `encode`."""
+    conv = conversation(
+        ("user", "What is this? <image>", ["a red block"]),
+        ("assistant", "A red block. Here is a green one: <image> Do you like it?", ["a green block"],
+         ["a green block"]),
+    )
+    input_ids, targets = encoder.encode_as_text(conv)
+    assert len(input_ids) == len(targets) and targets[-1] == IGNORE_INDEX
+    start, end = encoder.start_token_id, encoder.end_token_id
+    assert input_ids.count(start) == input_ids.count(end) == 2
+    assert encoder.image_token_id not in input_ids
+    text = encoder.tokenizer.decode(input_ids)
+    for token in ("</s>", "<start>", "<end>"):
+        text = text.replace(token, f" {token} ")
+    assert " ".join(text.split()) == ("<s> [INST] What is this? <start> a red block <end> [/INST] A red block. Here "
+                                      "is a green one: <start> a green block <end> Do you like it? </s>")
+    predicted = [input_ids[i + 1] for i in range(len(input_ids) - 1) if targets[i] != IGNORE_INDEX]
+    assert all(targets[i] in (IGNORE_INDEX, input_ids[i + 1]) for i in range(len(input_ids) - 1))
+    # Everything the assistant writes, its image as <start> caption <end>, and nothing of the user's turn.
+    assert predicted == encoder.text_ids("A red block. Here is a green one:") + [start] + encoder.text_ids(
+        "a green block") + [end] + encoder.text_ids("Do you like it?") + [encoder.eos_token_id]
+    # Outside the images, the very tokens of the training sequence.
+    encoded = encoder.encode(conv)
+    main = encoded.input_ids[: encoded.main_length]
+    assert [t for t in main if t != encoder.image_token_id] == [
+        t for i, t in enumerate(input_ids)
+        if not any(s <= i <= e for s, e in _spans(input_ids, start, end))
+    ]
+
+
+def _spans(ids, start, end):
+    opened = [i for i, t in enumerate(ids) if t == start]
+    closed = [i for i, t in enumerate(ids) if t == end]
+    return list(zip(opened, closed, strict=True))
+
+
+def test_text_form_needs_captions_for_images(encoder, image_dir):
+    with pytest.raises(DataError, match="caption"):
+        encoder.encode_as_text(conversation(("user", "Look <image>", [object()]), ("assistant", "Ok.")))

@@ -1,4 +1,5 @@
-"""The toy vision pretraining: labels, what it writes back, and that it learns to see."""
+"""The toy pretraining: labels, what it writes back, and that the vision part learns to see and the
+language part learns the toy world's language."""
 
 from __future__ import annotations
 
@@ -11,7 +12,23 @@ import torch
 from textbind.config import ModelConfig
 from textbind.model.builder import build_model, load_qformer
 from textbind.tiny import TinySizes, build_tiny_pretrained
-from textbind.toy.pretrain import REPORT_FILE, TARGETS, pretrain_vision, scene_labels
+from textbind import SPECIAL_TOKENS
+from textbind.data.sequence import ConversationEncoder
+from textbind.model.builder import load_tokenizer
+from textbind.toy.datagen import stream_rng
+from textbind.toy.pretrain import (
+    LANGUAGE_CHECK_STREAM,
+    LANGUAGE_MIXTURE,
+    LANGUAGE_REPORT_FILE,
+    REPORT_FILE,
+    TARGETS,
+    main,
+    pretrain_language,
+    pretrain_vision,
+    scene_labels,
+    text_accuracy,
+    text_batch,
+)
 from textbind.toy.world import COLOURS, LAYOUTS, SHAPES, SIZES, Scene, ShapeObject
 
 SMALL = TinySizes(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, qformer_hidden=32,
@@ -83,3 +100,52 @@ def test_pretraining_is_deterministic(tmp_path):
     assert reports[0] == reports[1]
     first, second = (load_qformer(str(tmp_path / name / "blip2_qformer.safetensors"))[1] for name in ("a", "b"))
     assert torch.equal(first, second)
+
+
+def _check_accuracy(model_dir, model) -> dict[str, float]:
+    """`pretrain_language`'s check set (seed 0, 40 conversations) scored for ``model``."""
+    encoder = ConversationEncoder(load_tokenizer(str(model_dir / "llama")), num_query_tokens=1, template="llama2")
+    ids, targets = text_batch(stream_rng(0, LANGUAGE_CHECK_STREAM), 40, encoder, LANGUAGE_MIXTURE)
+    return text_accuracy(model, ids, targets, encoder.start_token_id, encoder.end_token_id)
+
+
+def test_language_pretraining_learns_and_keeps_the_layout(small_model_dir):
+    paths = {
+        "vision_model": str(small_model_dir / "blip2_vision_model"),
+        "qformer": str(small_model_dir / "blip2_qformer.safetensors"),
+        "language_model": str(small_model_dir / "llama"),
+        "processor": str(small_model_dir / "processor"),
+    }
+    before = build_model(ModelConfig(**paths))
+    untrained = _check_accuracy(small_model_dir, before.model.language_model)
+
+    report = pretrain_language(small_model_dir, steps=60, batch_size=8, lr=5e-3, check_conversations=40,
+                               progress=False)
+
+    assert json.loads((small_model_dir / LANGUAGE_REPORT_FILE).read_text()) == report
+    after = build_model(ModelConfig(**paths))
+    trained = _check_accuracy(small_model_dir, after.model.language_model)
+    assert trained == report["check_accuracy"]
+    # Measured: 0.0 -> 0.61 of the assistant's tokens after 60 steps of 8 conversations.
+    assert untrained["tokens"] < 0.2 and trained["tokens"] >= 0.4, (untrained, trained)
+    # The special tokens are saved with the model: the builder adds nothing, and their ids stay put.
+    tokenizer = load_tokenizer(paths["language_model"])
+    assert len(tokenizer) == after.model.language_model.get_input_embeddings().weight.shape[0]
+    assert [tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS] == [
+        before.tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS]
+    for name in ("vision_model", "qformer"):  # the vision part is not touched
+        old, new = getattr(before.model, name).state_dict(), getattr(after.model, name).state_dict()
+        assert all(torch.equal(old[key], new[key]) for key in old), name
+    assert not list(small_model_dir.glob("*.new"))
+
+
+def test_language_pretraining_refuses_a_directory_without_the_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="llama"):
+        pretrain_language(tmp_path, steps=1, progress=False)
+
+
+def test_both_parts_in_two_processes_write_both_reports(small_model_dir, capsys):
+    main(["--model-dir", str(small_model_dir), "--steps", "2", "--language-steps", "2", "--batch-size", "4"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["vision"] == json.loads((small_model_dir / REPORT_FILE).read_text())["check_accuracy"]
+    assert printed["language"] == json.loads((small_model_dir / LANGUAGE_REPORT_FILE).read_text())["check_accuracy"]

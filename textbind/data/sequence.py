@@ -181,6 +181,28 @@ class ConversationEncoder:
             raise DataError(f"{conversation.source}: a prompt for inference must end with a user turn")
         return pieces
 
+    def encode_as_text(self, conversation: Conversation) -> tuple[list[int], list[int]]:
+        """A conversation whose `image_list` entries are the images' captions, as plain text for language-model
+        pretraining: (input_ids, targets), each image written `<start> caption <end>` where its tokens would
+        stand (for an assistant image, what inference writes before the image replaces it). Only assistant
+        tokens are supervised, images included; no truncation."""
+        input_ids: list[int] = []
+        supervised: list[bool] = []
+        for piece in self._pieces(conversation, for_inference=False):
+            ids, is_supervised = piece.ids, piece.supervised
+            if piece.is_image:
+                if not isinstance(piece.image, str):
+                    raise DataError(f"{conversation.source}: an image must be given as its caption here")
+                ids = [self.start_token_id] + self.text_ids(piece.image.strip()) + [self.end_token_id]
+                is_supervised = piece.caption is not None  # an assistant image
+            input_ids += ids
+            supervised += [is_supervised] * len(ids)
+        targets = [
+            input_ids[position + 1] if supervised[position + 1] else IGNORE_INDEX
+            for position in range(len(input_ids) - 1)
+        ]
+        return input_ids, targets + [IGNORE_INDEX]
+
     def encode(self, conversation: Conversation, *, for_inference: bool = False) -> EncodedConversation:
         """Training sequence (main + branches, targets) or, with `for_inference`, the prompt ending after [/INST]."""
         pieces = self._pieces(conversation, for_inference)

@@ -1,16 +1,18 @@
 """The toy world's small "pretrained" set: random weights sized for the shapes world, a toy tokenizer.
 
-    python -m textbind.toy.build --out checkpoint/toy --data data/toy
+    python -m textbind.toy.build --out checkpoint/toy
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from textbind.data.streams import CAPTION_INSTRUCTIONS
 from textbind.tiny import TinySizes, build_tiny_pretrained
+from textbind.toy.datagen import stream_rng, text_records
+
+TOKENIZER_STREAM = "tokenizer"
 
 TOY_SIZES = TinySizes(
     image_size=64,
@@ -39,29 +41,28 @@ TOY_SIZES = TinySizes(
 CHAT_MARKUP = "[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n[/INST]"
 
 
-def toy_corpus(stage2_json: Path, limit: int = 3000) -> list[str]:
-    """Every text of the first `limit` conversations, the chat markup and the stage-1 caption requests:
-    the tokenizer learns them as whole pieces, so the training sequences stay short (fast on a CPU)."""
+def toy_corpus(seed: int = 0, num_conversations: int = 3000) -> list[str]:
+    """Every text of `num_conversations` toy conversations (the synthetic writer's, from their own random
+    stream: the grammar the data engine's toy LLM speaks too), the chat markup and the stage-1 caption
+    requests: the tokenizer learns them as whole pieces, so the training sequences stay short (fast on a CPU)."""
     corpus = [CHAT_MARKUP] * 200 + list(CAPTION_INSTRUCTIONS) * 50
-    for record in json.loads(Path(stage2_json).read_text())[:limit]:
+    for record in text_records(stream_rng(seed, TOKENIZER_STREAM), num_conversations):
         for turn in record["conversation"]:
             corpus.append(turn["content"])
             corpus += turn.get("caption_list") or []
     return corpus
 
 
-def build_toy_pretrained(output_dir: str | Path, stage2_json: str | Path, seed: int = 0,
-                         sizes: TinySizes = TOY_SIZES) -> dict[str, str]:
-    return build_tiny_pretrained(output_dir, seed=seed, sizes=sizes, corpus=toy_corpus(Path(stage2_json)))
+def build_toy_pretrained(output_dir: str | Path, seed: int = 0, sizes: TinySizes = TOY_SIZES) -> dict[str, str]:
+    return build_tiny_pretrained(output_dir, seed=seed, sizes=sizes, corpus=toy_corpus(seed))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="checkpoint/toy")
-    parser.add_argument("--data", default="data/toy", help="toy data directory (its stage2/train.json)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for key, path in build_toy_pretrained(args.out, Path(args.data) / "stage2/train.json", args.seed).items():
+    for key, path in build_toy_pretrained(args.out, args.seed).items():
         print(f"{key}: {path}")
 
 

@@ -25,6 +25,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,10 +218,14 @@ def _edit_pair(conversation: Conversation) -> None:
     dialogue.edit_turns(conversation, instruction, edited)
 
 
-def _draw_segment(conversation: Conversation) -> None:
+# How many edits follow a drawing (0, 1, 2, 3), relatively.
+EDIT_COUNT_WEIGHTS = (3.0, 3.5, 2.0, 1.5)
+
+
+def _draw_segment(conversation: Conversation, edit_count_weights: Sequence[float] = EDIT_COUNT_WEIGHTS) -> None:
     rng = conversation.rng
     dialogue.draw_turns(conversation, random_scene(rng))
-    for _ in range(rng.choices([0, 1, 2, 3], weights=[3, 3.5, 2, 1.5])[0]):
+    for _ in range(rng.choices([0, 1, 2, 3], weights=edit_count_weights)[0]):
         _edit_pair(conversation)
     if rng.random() < 0.2:  # ask about what was just drawn
         dialogue.followup_question_turns(conversation)
@@ -240,7 +245,8 @@ _SYSTEM_PROMPTS = (
 
 
 def _conversation_record(
-    rng: random.Random, images: _ImageStore, image_dir: str, kinds: list[tuple[str, ...]] | None = None
+    rng: random.Random, images: _ImageStore, image_dir: str, kinds: list[tuple[str, ...]] | None = None,
+    mixture: Mixture | None = None,
 ) -> Record:
     """One stage-2 record; its exchange kinds are appended to ``kinds`` when given."""
     conversation, turns = _stage2_conversation(rng, images)
@@ -249,10 +255,14 @@ def _conversation_record(
             {"role": "system", "content": rng.choice(_SYSTEM_PROMPTS), "image_list": [], "caption_list": []}
         )
     names = list(_SEGMENTS)
-    weights = [weight for _, weight in _SEGMENTS.values()]
+    weights = [weight for _, weight in _SEGMENTS.values()] if mixture is None else list(mixture.segment_weights)
+    edit_counts = EDIT_COUNT_WEIGHTS if mixture is None else mixture.edit_count_weights
     for _ in range(rng.choices([1, 2, 3], weights=[55, 30, 15])[0]):
         segment, _ = _SEGMENTS[rng.choices(names, weights=weights)[0]]
-        segment(conversation)
+        if segment is _draw_segment:
+            _draw_segment(conversation, edit_counts)
+        else:
+            segment(conversation)
         # After looking at a user image, sometimes ask for a modified copy of it.
         if segment in (_describe_segment, _question_segment) and rng.random() < 0.25:
             _edit_pair(conversation)
@@ -298,6 +308,32 @@ def write_stage2_json(
     ]
     _write_json_list(Path(out_path), records)
     return images.count
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Relative weights of the segments (describe, question, compare, draw) and of a drawing's edit count
+    (0, 1, 2, 3) in the synthetic writer's conversations."""
+
+    segment_weights: tuple[float, float, float, float] = (2.0, 2.0, 1.5, 3.0)
+    edit_count_weights: tuple[float, ...] = EDIT_COUNT_WEIGHTS
+
+
+class _CaptionStore:
+    """Names each image by its caption and draws nothing: conversations for text-only use."""
+
+    def save(self, scene: Scene, rng: random.Random) -> str:
+        return caption(scene)
+
+
+def text_records(rng: random.Random, num_conversations: int, mixture: Mixture | None = None) -> list[Record]:
+    """Stage-2 records of the synthetic writer whose ``image_list`` entries are the images' captions
+    (nothing drawn): the toy world's language, for its tokenizer and its language model's pretraining."""
+    store = _CaptionStore()
+    return [
+        _conversation_record(rng, store, "", mixture=mixture)  # type: ignore[arg-type]
+        for _ in range(num_conversations)
+    ]
 
 
 def stage2_exchange_kinds(num_conversations: int, seed: int, image_size: int = 64) -> list[tuple[str, ...]]:

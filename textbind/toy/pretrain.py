@@ -10,7 +10,11 @@ evaluation images -- and writes them back in the BLIP-2 layout (``MODEL_DIR/blip
 ``MODEL_DIR/blip2_qformer.safetensors``). The heads are dropped; stage 1 then aligns the encoder
 with the language model exactly as in the real recipe.
 
-    textbind toy pretrain --model-dir checkpoint/toy --steps 1500
+The language model gets the same kind of start (``pretrain_language``): a few hundred steps on
+toy-world text, in a second process while the vision part trains (on a 2-core machine the second
+core would idle otherwise).
+
+    textbind toy pretrain --model-dir checkpoint/toy --steps 1500 --language-steps 330
 """
 
 from __future__ import annotations
@@ -18,30 +22,44 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoImageProcessor, Blip2QFormerModel, Blip2VisionModel
+from transformers import AutoImageProcessor, AutoModelForCausalLM, Blip2QFormerModel, Blip2VisionModel
 
-from textbind.model.builder import load_qformer
+from textbind import IGNORE_INDEX
+from textbind.data.conversation import parse_record
+from textbind.data.sequence import LLAMA2, ConversationEncoder
+from textbind.model.builder import load_qformer, load_tokenizer, resize_embeddings_for_special_tokens
 from textbind.model.mim import query_image
 from textbind.prepare_blip2 import save_qformer_file
-from textbind.toy.datagen import stream_rng
+from textbind.toy.datagen import Mixture, stream_rng, text_records
 from textbind.toy.world import COLOURS, LAYOUTS, SHAPES, SIZES, Scene, draw_scene, random_scene
 
 logger = logging.getLogger(__name__)
 
 PRETRAIN_STREAM = "pretrain"
 CHECK_STREAM = "pretrain-check"
+LANGUAGE_STREAM = "pretrain-language"
+LANGUAGE_CHECK_STREAM = "pretrain-language-check"
 REPORT_FILE = "pretrain.json"
+LANGUAGE_REPORT_FILE = "pretrain_language.json"
 DEFAULT_STEPS = 1500
+DEFAULT_LANGUAGE_STEPS = 330  # about as long as the vision part's 1500 steps on one CPU core
+# The language pretraining's text leans on drawing and editing (what takes longest to learn): drawings with
+# one to three edits make up most of it; descriptions, questions and comparisons the rest.
+LANGUAGE_MIXTURE = Mixture(segment_weights=(1.0, 1.0, 0.5, 6.0), edit_count_weights=(1.0, 3.0, 3.0, 3.0))
+PARTS = ("vision", "language", "both")
 _COLOURS, _SHAPES, _SIZES = list(COLOURS), list(SHAPES), list(SIZES)
 # What the heads predict; a single-object scene's second slot takes each attribute's extra "none" class.
 TARGETS: tuple[tuple[str, int], ...] = (
@@ -160,6 +178,150 @@ def pretrain_vision(
     return report
 
 
+def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, labels) in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        targets[row, : len(labels)] = torch.tensor(labels)
+    return input_ids, targets
+
+
+def _pad_id(encoder: ConversationEncoder) -> int:
+    pad = encoder.tokenizer.pad_token_id
+    return pad if pad is not None else encoder.eos_token_id
+
+
+def text_batch(rng: random.Random, size: int, encoder: ConversationEncoder,
+               mixture: Mixture | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` fresh toy conversations as text, right-padded: (input_ids, targets)."""
+    rows = [encoder.encode_as_text(parse_record(record, "pretraining text"))
+            for record in text_records(rng, size, mixture)]
+    return _padded(rows, _pad_id(encoder))
+
+
+def text_batches(rng: random.Random, size: int, encoder: ConversationEncoder, mixture: Mixture | None = None,
+                 pool: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``size`` fresh toy conversations without end; each ``pool`` batches are made of conversations
+    of like length (sorted, then the batches shuffled), so that little of a step is padding."""
+    while True:
+        rows = [encoder.encode_as_text(parse_record(record, "pretraining text"))
+                for record in text_records(rng, size * pool, mixture)]
+        rows.sort(key=lambda row: len(row[0]))
+        batches = [rows[start : start + size] for start in range(0, len(rows), size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            yield _padded(batch, _pad_id(encoder))
+
+
+@torch.no_grad()
+def text_accuracy(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, start_id: int,
+                  end_id: int) -> dict[str, float]:
+    """Teacher-forced next-token accuracy on the supervised tokens (``tokens``), on the tokens of the images'
+    captions (``captions``), and the share of captions right in every token (``whole_captions``)."""
+    was_training = model.training
+    model.eval()
+    predicted = model(input_ids=input_ids).logits.argmax(-1)
+    model.train(was_training)
+    supervised = targets != IGNORE_INDEX
+    right = (predicted == targets) & supervised
+    # A caption's tokens: from the prediction of its first word (after <start>) to that of <end>.
+    in_caption = torch.zeros_like(supervised)
+    caption_right, captions = 0, 0
+    for row in range(input_ids.shape[0]):
+        inside, all_right = False, True
+        for position in range(input_ids.shape[1]):
+            if input_ids[row, position] == start_id and supervised[row, position]:
+                inside, all_right = True, True
+            if inside:
+                in_caption[row, position] = True
+                all_right &= bool(right[row, position])
+                if targets[row, position] == end_id:
+                    inside = False
+                    captions += 1
+                    caption_right += all_right
+    return {
+        "tokens": round(right.sum().item() / max(1, supervised.sum().item()), 4),
+        "captions": round((right & in_caption).sum().item() / max(1, in_caption.sum().item()), 4),
+        "whole_captions": round(caption_right / max(1, captions), 4),
+    }
+
+
+def pretrain_language(
+    model_dir: str | Path,
+    steps: int = DEFAULT_LANGUAGE_STEPS,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    warmup_steps: int = 50,
+    min_lr_ratio: float = 0.1,
+    seed: int = 0,
+    check_conversations: int = 300,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain ``model_dir``'s language model in place on toy-world text; return (and save) a report.
+
+    The real recipe starts from Llama-2, which already knows its language. The toy one starts random, so
+    it first reads fresh conversations of the toy world's grammar (the synthetic writer's, from their own
+    random stream), each image written as its caption between ``<start>`` and ``<end>`` -- what the model
+    writes at inference before a drawn image takes the caption's place -- with the loss on the assistant's
+    words, as in stage 2.
+    """
+    from textbind.optim import cosine_schedule
+
+    model_dir = Path(model_dir)
+    llm_dir = model_dir / "llama"
+    if not (llm_dir / "config.json").exists():
+        raise FileNotFoundError(f"{llm_dir}: missing; build the toy model first (python -m textbind.toy.build)")
+    torch.manual_seed(seed)
+    # With <image>, <start> and <end>, as the model builder adds them; saved with the model below.
+    tokenizer = load_tokenizer(str(llm_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True).train()
+    resize_embeddings_for_special_tokens(model, len(tokenizer))
+    encoder = ConversationEncoder(tokenizer, num_query_tokens=1, template=LLAMA2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.001)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup_steps, steps, min_lr_ratio))
+    rng = stream_rng(seed, LANGUAGE_STREAM)
+    check_ids, check_targets = text_batch(stream_rng(seed, LANGUAGE_CHECK_STREAM), check_conversations, encoder,
+                                          LANGUAGE_MIXTURE)
+
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc="pretrain language", disable=not progress, mininterval=2.0)
+    batches = text_batches(rng, batch_size, encoder, LANGUAGE_MIXTURE)
+    for _ in bar:
+        input_ids, targets = next(batches)
+        logits = model(input_ids=input_ids).logits
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    seconds = time.perf_counter() - started
+
+    report = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "check_conversations": check_conversations,
+        "check_accuracy": text_accuracy(model, check_ids, check_targets, encoder.start_token_id,
+                                        encoder.end_token_id),
+    }
+    staging = llm_dir.with_name(llm_dir.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    for path in sorted(staging.iterdir()):  # replaced file by file
+        os.replace(path, llm_dir / path.name)
+    staging.rmdir()
+    (model_dir / LANGUAGE_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("pretrained the toy language model in %.0f s: %s", seconds, report["check_accuracy"])
+    return report
+
+
 def _save(encoder: SceneEncoder, vision_dir: Path, qformer_file: Path) -> None:
     """Write both parts next to the old ones, then swap them in (an interrupted save leaves the old set)."""
     staging = vision_dir.with_name(vision_dir.name + ".new")
@@ -174,19 +336,43 @@ def _save(encoder: SceneEncoder, vision_dir: Path, qformer_file: Path) -> None:
     os.replace(staged_qformer, qformer_file)
 
 
+def _pretrain_language_quietly(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``pretrain_language`` in a worker process (no second progress bar on the terminal)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return pretrain_language(**kwargs, progress=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="checkpoint/toy", help="built by python -m textbind.toy.build")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--part", choices=PARTS, default="both",
+                        help="what to pretrain; both: the language model in a second process, beside the vision part")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="vision pretraining steps")
+    parser.add_argument("--language-steps", type=int, default=DEFAULT_LANGUAGE_STEPS,
+                        help="language pretraining steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.steps < 1:
-        parser.error("--steps must be positive")
-    report = pretrain_vision(args.model_dir, args.steps, args.batch_size, args.lr, seed=args.seed)
-    print(json.dumps(report["check_accuracy"]))
+    if args.steps < 1 or args.language_steps < 1:
+        parser.error("--steps and --language-steps must be positive")
+    language = {"model_dir": args.model_dir, "steps": args.language_steps, "batch_size": args.batch_size,
+                "lr": args.lr, "seed": args.seed}
+    results = {}
+    if args.part == "language":
+        results["language"] = pretrain_language(**language)["check_accuracy"]
+    elif args.part == "vision":
+        results["vision"] = pretrain_vision(args.model_dir, args.steps, args.batch_size, args.lr,
+                                            seed=args.seed)["check_accuracy"]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            pending = pool.submit(_pretrain_language_quietly, language)
+            results["vision"] = pretrain_vision(args.model_dir, args.steps, args.batch_size, args.lr,
+                                                seed=args.seed)["check_accuracy"]
+            results["language"] = pending.result()["check_accuracy"]
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
