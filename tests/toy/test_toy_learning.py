@@ -3,10 +3,10 @@
 Same scripts and code paths as the full quickstart (toy data, the small random model, the vision and
 language pretraining, the stage-2 conversations made by the data engine with the toy LLM behind a real
 HTTP server, stage 1 on webdataset shards and stage 2 on JSON conversations with two CPU ranks, held-out
-evaluation with the toy renderer), with fewer samples, steps and evaluation items. Chance is near 0 for both headline metrics
-(one fully right description among 36 single-object and 2 x 36 x 36 two-object scenes; a drawing is right
-when its caption parses to exactly the asked scene). Measured on 40 + 40 items: caption accuracy 0.8 and
-drawing accuracy 0.525 (plain requests 1.0, edits 0.095); the thresholds below leave room below that.
+evaluation with the toy renderer), with fewer samples, steps and evaluation items. Chance is near 0 for
+both headline metrics (one fully right description among 36 single-object and 2 x 36 x 36 two-object scenes;
+a drawing is right when its caption parses to exactly the asked scene). Measured on 40 + 40 items: caption
+accuracy 0.8 and drawing accuracy 0.525 (plain requests 1.0, edits 0.095); the thresholds below leave room.
 """
 
 from __future__ import annotations

@@ -9,12 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from textbind.config import ModelConfig
-from textbind.model.builder import build_model, load_qformer
-from textbind.tiny import TinySizes, build_tiny_pretrained
 from textbind import SPECIAL_TOKENS
+from textbind.config import ModelConfig
 from textbind.data.sequence import ConversationEncoder
-from textbind.model.builder import load_tokenizer
+from textbind.model.builder import build_model, load_qformer, load_tokenizer
+from textbind.tiny import TinySizes, build_tiny_pretrained
 from textbind.toy.datagen import stream_rng
 from textbind.toy.pretrain import (
     LANGUAGE_CHECK_STREAM,
