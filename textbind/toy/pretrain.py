@@ -336,9 +336,14 @@ def _save(encoder: SceneEncoder, vision_dir: Path, qformer_file: Path) -> None:
     os.replace(staged_qformer, qformer_file)
 
 
-def _pretrain_language_quietly(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _half_the_cores() -> int:
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2))
+
+
+def _pretrain_language_quietly(kwargs: dict[str, Any], threads: int) -> dict[str, Any]:
     """``pretrain_language`` in a worker process (no second progress bar on the terminal)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(threads)
     return pretrain_language(**kwargs, progress=False)
 
 
@@ -365,10 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     elif args.part == "vision":
         results["vision"] = pretrain_vision(args.model_dir, args.steps, args.batch_size, args.lr,
                                             seed=args.seed)["check_accuracy"]
-    else:
+    else:  # each part on half of the cores
+        threads = _half_the_cores()
+        torch.set_num_threads(threads)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pending = pool.submit(_pretrain_language_quietly, language)
+            pending = pool.submit(_pretrain_language_quietly, language, threads)
             results["vision"] = pretrain_vision(args.model_dir, args.steps, args.batch_size, args.lr,
                                                 seed=args.seed)["check_accuracy"]
             results["language"] = pending.result()["check_accuracy"]
