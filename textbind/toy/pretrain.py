@@ -1,4 +1,4 @@
-"""Pretrain the toy world's vision encoder and Q-Former: the toy stand-in for BLIP-2's pretraining.
+"""Pretrain the toy world's vision encoder and Q-Former, and its language model (the toy BLIP-2 and Llama-2).
 
 The real recipe starts from a BLIP-2 encoder that already sees. The toy one starts random, and
 learning to see only through the language model's caption loss is slow on a CPU: shape, the last
