@@ -41,6 +41,15 @@ def small_model_dir(tmp_path):
     return tmp_path / "model"
 
 
+def _model_paths(model_dir) -> dict[str, str]:
+    return {
+        "vision_model": str(model_dir / "blip2_vision_model"),
+        "qformer": str(model_dir / "blip2_qformer.safetensors"),
+        "language_model": str(model_dir / "llama"),
+        "processor": str(model_dir / "processor"),
+    }
+
+
 def test_scene_labels_index_every_target():
     red_circle = ShapeObject(colour="red", shape="circle", size="small")
     blue_square = ShapeObject(colour="blue", shape="square", size="large")
@@ -54,12 +63,7 @@ def test_scene_labels_index_every_target():
 
 
 def test_pretraining_learns_and_writes_the_blip2_layout_back(small_model_dir):
-    paths = {
-        "vision_model": str(small_model_dir / "blip2_vision_model"),
-        "qformer": str(small_model_dir / "blip2_qformer.safetensors"),
-        "language_model": str(small_model_dir / "llama"),
-        "processor": str(small_model_dir / "processor"),
-    }
+    paths = _model_paths(small_model_dir)
     before_qformer, before_queries = load_qformer(paths["qformer"])
     before = build_model(ModelConfig(**paths)).model
 
@@ -109,12 +113,7 @@ def _check_accuracy(model_dir, model) -> dict[str, float]:
 
 
 def test_language_pretraining_learns_and_keeps_the_layout(small_model_dir):
-    paths = {
-        "vision_model": str(small_model_dir / "blip2_vision_model"),
-        "qformer": str(small_model_dir / "blip2_qformer.safetensors"),
-        "language_model": str(small_model_dir / "llama"),
-        "processor": str(small_model_dir / "processor"),
-    }
+    paths = _model_paths(small_model_dir)
     before = build_model(ModelConfig(**paths))
     untrained = _check_accuracy(small_model_dir, before.model.language_model)
 

@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,22 @@ def attribute_accuracy(encoder: SceneEncoder, pixels: torch.Tensor, labels: torc
     return {"all": round(right.all(1).float().mean().item(), 4), **accuracy}
 
 
+def _train(module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, steps: int,
+           step_loss: Callable[[], torch.Tensor], description: str, progress: bool) -> float:
+    """``steps`` optimizer steps on ``step_loss()`` (clipped at norm 1, the schedule stepped); the seconds taken."""
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc=description, disable=not progress, mininterval=2.0)
+    for _ in bar:
+        loss = step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return time.perf_counter() - started
+
+
 def pretrain_vision(
     model_dir: str | Path,
     steps: int = DEFAULT_STEPS,
@@ -149,19 +165,12 @@ def pretrain_vision(
     rng = stream_rng(seed, PRETRAIN_STREAM)
     check_pixels, check_labels = scene_batch(stream_rng(seed, CHECK_STREAM), check_images, image_processor)
 
-    started = time.perf_counter()
-    bar = tqdm(range(steps), desc="pretrain vision", disable=not progress, mininterval=2.0)
-    for _ in bar:
+    def step_loss() -> torch.Tensor:
         pixels, labels = scene_batch(rng, batch_size, image_processor)
         logits = encoder(pixels)
-        loss = sum(nn.functional.cross_entropy(item, labels[:, index]) for index, item in enumerate(logits))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    seconds = time.perf_counter() - started
+        return sum(nn.functional.cross_entropy(item, labels[:, index]) for index, item in enumerate(logits))
+
+    seconds = _train(encoder, optimizer, schedule, steps, step_loss, "pretrain vision", progress)
 
     report = {
         "steps": steps,
@@ -196,9 +205,7 @@ def _pad_id(encoder: ConversationEncoder) -> int:
 def text_batch(rng: random.Random, size: int, encoder: ConversationEncoder,
                mixture: Mixture | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` fresh toy conversations as text, right-padded: (input_ids, targets)."""
-    rows = [encoder.encode_as_text(parse_record(record, "pretraining text"))
-            for record in text_records(rng, size, mixture)]
-    return _padded(rows, _pad_id(encoder))
+    return next(text_batches(rng, size, encoder, mixture, pool=1))
 
 
 def text_batches(rng: random.Random, size: int, encoder: ConversationEncoder, mixture: Mixture | None = None,
@@ -285,20 +292,14 @@ def pretrain_language(
     check_ids, check_targets = text_batch(stream_rng(seed, LANGUAGE_CHECK_STREAM), check_conversations, encoder,
                                           LANGUAGE_MIXTURE)
 
-    started = time.perf_counter()
-    bar = tqdm(range(steps), desc="pretrain language", disable=not progress, mininterval=2.0)
     batches = text_batches(rng, batch_size, encoder, LANGUAGE_MIXTURE)
-    for _ in bar:
+
+    def step_loss() -> torch.Tensor:
         input_ids, targets = next(batches)
         logits = model(input_ids=input_ids).logits
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    seconds = time.perf_counter() - started
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    seconds = _train(model, optimizer, schedule, steps, step_loss, "pretrain language", progress)
 
     report = {
         "steps": steps,
