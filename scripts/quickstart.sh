@@ -9,7 +9,8 @@
 # Variables: OUT, DATA, MODEL_DIR, SEED, PRETRAIN_STEPS, LANGUAGE_STEPS, STAGE1_STEPS, STAGE2_STEPS, EVAL_LIMIT,
 # STAGE1_SAMPLES, STAGE2_CONVERSATIONS (conversations requested from the data engine; about 9% are then
 # filtered out and 200 go to valid/test), STAGE2_PAIRS (toy image-caption pairs the engine draws them from),
-# NUM_CLUSTERS (topic clusters of the pairs), FAULTY_SHARE (share of faulty transcripts the toy LLM writes for the filters),
+# NUM_CLUSTERS (topic clusters of the pairs), CAPTION_CLUSTERED (how many of the conversations come from the
+# pairs clustered by their captions' words, the rest from the pairs clustered by their images), FAULTY_SHARE (share of faulty transcripts the toy LLM writes for the filters),
 # EVAL_ITEMS, NUM_GPUS (CPU processes; default 2 on 2+ cores), HOST, PORT, OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,18 +30,25 @@ DATA=${DATA:-data/toy}
 MODEL_DIR=${MODEL_DIR:-checkpoint/toy}
 SEED=${SEED:-0}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-}  # empty: textbind toy pretrain's default (1500)
-LANGUAGE_STEPS=${LANGUAGE_STEPS:-}  # empty: its default for the language model (330)
+LANGUAGE_STEPS=${LANGUAGE_STEPS:-}  # empty: its default for the language model (450)
 STAGE1_SAMPLES=${STAGE1_SAMPLES:-7680}
 STAGE2_CONVERSATIONS=${STAGE2_CONVERSATIONS:-6400}
 STAGE2_PAIRS=${STAGE2_PAIRS:-$STAGE2_CONVERSATIONS}
+CAPTION_CLUSTERED=${CAPTION_CLUSTERED:-$(( STAGE2_CONVERSATIONS * 11 / 32 ))}  # about a third: 2200 of 6400
+if (( CAPTION_CLUSTERED < 0 || CAPTION_CLUSTERED > STAGE2_CONVERSATIONS )); then
+  echo "CAPTION_CLUSTERED=$CAPTION_CLUSTERED: must be between 0 and STAGE2_CONVERSATIONS ($STAGE2_CONVERSATIONS)" >&2
+  exit 2
+fi
 NUM_CLUSTERS=${NUM_CLUSTERS:-$(( STAGE2_PAIRS / 8 > 1 ? STAGE2_PAIRS / 8 : 1 ))}
 FAULTY_SHARE=${FAULTY_SHARE:-0.1}
 EVAL_ITEMS=${EVAL_ITEMS:-200}
 EVAL_LIMIT=${EVAL_LIMIT:-0}
 STAGE1_STEPS=${STAGE1_STEPS:-}  # empty: as the epochs say
 STAGE2_STEPS=${STAGE2_STEPS:-}
-# Two data-parallel CPU processes (DeepSpeed on gloo) when the machine has two cores or more.
-export NUM_GPUS=${NUM_GPUS:-$(( $(nproc) >= 2 ? 2 : 1 ))} MASTER_PORT=${MASTER_PORT:-29517}
+# Two data-parallel CPU processes (DeepSpeed on gloo) when the machine has two cores or more (counted
+# without OMP_NUM_THREADS, which nproc would otherwise report instead).
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+export NUM_GPUS=${NUM_GPUS:-$(( CORES >= 2 ? 2 : 1 ))} MASTER_PORT=${MASTER_PORT:-29517}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # One thread per process: the small models gain little from a second thread, and threads spinning
 # against the data-loader worker (or anything else on the machine) slow training down many times over.
@@ -79,12 +87,26 @@ done
 [[ -s "$LLM_DIR/port" ]] || { echo "the toy LLM server did not start within 60 s" >&2; exit 1; }
 # As in TextBind, the pairs are clustered by their images, embedded by the (just pretrained) vision encoder,
 # in many small clusters: images one edit apart then often meet in one conversation, which the toy LLM
-# turns into drawing-and-editing dialogues. Mini-batch k-means keeps that to seconds.
-python3 -m textbind datagen run --config configs/datagen/toy.yaml pairs.path="$DATA/pairs/pairs.jsonl" \
-  run.output_dir="$DATA/stage2" run.seed="$SEED" llm.base_url="http://127.0.0.1:$(cat "$LLM_DIR/port")/v1" \
-  llm.model=toy-writer sample.num_conversations="$STAGE2_CONVERSATIONS" cluster.num_clusters="$NUM_CLUSTERS" \
-  embed.model_path="$MODEL_DIR/blip2_vision_model" embed.processor_path="$MODEL_DIR/processor" \
-  cluster.minibatch_above=0
+# turns into drawing-and-editing dialogues. Mini-batch k-means keeps that to seconds. Images that differ in
+# the order or the colour of their shapes look unalike to the encoder and seldom meet that way, so a second
+# run clusters the same pairs by their captions' words (CAPTION_CLUSTERED of the STAGE2_CONVERSATIONS).
+run_engine() {  # output directory, conversations, extra overrides
+  local out=$1 conversations=$2
+  shift 2
+  python3 -m textbind datagen run --config configs/datagen/toy.yaml pairs.path="$DATA/pairs/pairs.jsonl" \
+    run.output_dir="$out" run.seed="$SEED" llm.base_url="http://127.0.0.1:$(cat "$LLM_DIR/port")/v1" \
+    llm.model=toy-writer sample.num_conversations="$conversations" cluster.num_clusters="$NUM_CLUSTERS" \
+    cluster.minibatch_above=0 "$@"
+}
+run_engine "$DATA/stage2" $(( STAGE2_CONVERSATIONS - CAPTION_CLUSTERED )) \
+  embed.model_path="$MODEL_DIR/blip2_vision_model" embed.processor_path="$MODEL_DIR/processor"
+STAGE2_TRAIN="$DATA/stage2/train.json"
+if (( CAPTION_CLUSTERED > 0 )); then
+  # Swapped shapes give the very same words: no near-duplicate removal here.
+  run_engine "$DATA/stage2_by_caption" "$CAPTION_CLUSTERED" embed.encoder=hashing embed.modality=caption \
+    cluster.dedup=false
+  STAGE2_TRAIN="$STAGE2_TRAIN,$DATA/stage2_by_caption/train.json"
+fi
 stop_llm
 trap - EXIT
 
@@ -99,7 +121,7 @@ env "${MODEL_ENV[@]}" CONFIG=configs/toy/first_stage.yaml TRAIN_DATA_PATH="$SHAR
   data.samples_per_epoch="$STAGE1_SAMPLES" ${ARGS[@]+"${ARGS[@]}"}
 
 echo "== stage 2: instruction following on conversations"
-env "${MODEL_ENV[@]}" CONFIG=configs/toy/second_stage.yaml TRAIN_DATA_PATH="$DATA/stage2/train.json" \
+env "${MODEL_ENV[@]}" CONFIG=configs/toy/second_stage.yaml TRAIN_DATA_PATH="$STAGE2_TRAIN" \
   IMAGE_DIR="$DATA/stage2/images" CHECKPOINT="$OUT/first_stage/first_stage_model" \
   QFORMER="$MODEL_DIR/blip2_qformer.safetensors" OUTPUT_DIR="$OUT/second_stage" \
   bash scripts/run_second_stage.sh train.resume=never train.max_steps="$STAGE2_STEPS" train.seed="$SEED" \

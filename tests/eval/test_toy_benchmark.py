@@ -64,18 +64,42 @@ def test_toy_benchmark_scores_right_and_wrong_answers(eval_dir, tmp_path, script
     assert metrics["drawing_accuracy"] == {"value": 1.0, "count": 6}
     kinds = right["details"]["drawing_by_kind"]
     assert set(kinds) <= {"draw", "edit"} and all(value == 1.0 for value in kinds.values())
+    edits = right["details"]["edits_by_kind"]
+    assert edits and sum(counts["total"] for counts in edits.values()) == metrics["drawing_by_kind/edit"]["count"]
+    assert all(counts["right"] == counts["total"] for counts in edits.values())
     wrong = run_benchmark(scripted(_oracle(eval_dir, wrong=True)), benchmark, tmp_path / "wrong",
                           DecodingConfig(), progress=False)
     assert wrong["metrics"]["caption_attribute_accuracy"]["value"] == 0.0
     assert wrong["metrics"]["describe_colour_accuracy"]["value"] == 1.0  # colours were left right
     assert wrong["metrics"]["drawing_accuracy"]["value"] == 0.0
+    assert all(counts["right"] == 0 for counts in wrong["details"]["edits_by_kind"].values())
     assert len(wrong["details"]["describe_failures"]) == 6
+
+
+def test_edits_are_told_apart_by_what_they_change():
+    from textbind.toy.benchmark import _edit_kind
+
+    def turns(*captions):
+        return [{"role": "user", "content": "Draw it.", "image_list": [], "caption_list": []}] + [
+            {"role": "assistant", "content": "<image>", "image_list": ["x.png"], "caption_list": [caption]}
+            for caption in captions]
+
+    pair = "a small red circle on the left and a large blue square on the right"
+    assert _edit_kind(turns("a large red circle", pair), "a large green square on the left and a small red "
+                      "circle on the right") == "unknown"  # two changes: not one edit
+    recoloured = "a small green circle on the left and a large blue square on the right"
+    assert _edit_kind(turns(pair), recoloured) == "colour/2"
+    assert _edit_kind(turns(pair), "a large blue square on the left and a small red circle on the right") == "swap/2"
+    assert _edit_kind(turns("a small red circle"), pair) == "add/1"
+    assert _edit_kind(turns(pair, "a small red circle"), "a large red circle") == "size/1"  # the latest image
+    assert _edit_kind([], "a small red circle") == "unknown"
 
 
 def test_evaluate_keeps_the_eval_json_fields(eval_dir, tmp_path, tiny_generator):
     result = evaluate(tiny_generator, eval_dir, limit=2, progress=False, output_dir=tmp_path / "eval")
     assert set(result) == {"caption_attribute_accuracy", "describe_colour_accuracy", "drawing_accuracy",
-                           "num_eval_examples", "drawing_by_kind", "describe_failures", "draw_failures"}
+                           "num_eval_examples", "drawing_by_kind", "edits_by_kind", "describe_failures",
+                           "draw_failures"}
     assert result["num_eval_examples"] == {"describe": 2, "draw": 2}
     assert (tmp_path / "eval" / "toy" / "predictions.jsonl").is_file()
     assert (tmp_path / "eval" / "report.html").is_file()

@@ -6,7 +6,8 @@ HTTP server, stage 1 on webdataset shards and stage 2 on JSON conversations with
 evaluation with the toy renderer), with fewer samples, steps and evaluation items. Chance is near 0 for
 both headline metrics (one fully right description among 36 single-object and 2 x 36 x 36 two-object scenes;
 a drawing is right when its caption parses to exactly the asked scene). Measured on 40 + 40 items: caption
-accuracy 0.8 and drawing accuracy 0.525 (plain requests 1.0, edits 0.095); the thresholds below leave room.
+accuracy 0.775-0.8 and drawing accuracy 0.525 (plain requests 1.0, edits 0.095) in two runs; the thresholds
+below leave room.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# On a 2-core CPU the run takes about 4 minutes (measured 227 s).
+# On a 2-core CPU the run takes about 4 minutes (measured 227-253 s).
 SETTINGS = {
     "PRETRAIN_STEPS": "600",
     "LANGUAGE_STEPS": "130",  # about as long as 600 vision steps
@@ -54,7 +55,8 @@ def test_shortened_quickstart_learns(tmp_path):
     # Held out: the evaluation sets are written from their own seed stream, and every item was evaluated.
     assert result["num_eval_examples"] == {"describe": 40, "draw": 40}
     assert result["train_seconds"] > 0
-    keys = ("caption_attribute_accuracy", "describe_colour_accuracy", "drawing_accuracy", "drawing_by_kind")
+    keys = ("caption_attribute_accuracy", "describe_colour_accuracy", "drawing_accuracy", "drawing_by_kind",
+            "edits_by_kind")
     summary = {key: result[key] for key in keys}
     print(json.dumps(summary), file=sys.stderr)
     assert result["caption_attribute_accuracy"] >= MIN_CAPTION_ACCURACY, summary

@@ -147,3 +147,13 @@ def test_both_parts_in_two_processes_write_both_reports(small_model_dir, capsys)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["vision"] == json.loads((small_model_dir / REPORT_FILE).read_text())["check_accuracy"]
     assert printed["language"] == json.loads((small_model_dir / LANGUAGE_REPORT_FILE).read_text())["check_accuracy"]
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs two cores to hand one over")
+def test_the_part_that_finishes_first_leaves_its_threads_to_the_other(small_model_dir):
+    threads_before = torch.get_num_threads()
+    # One vision step against many language steps: the language part ends on both halves of the threads.
+    main(["--model-dir", str(small_model_dir), "--steps", "1", "--language-steps", "150", "--batch-size", "4"])
+    language = json.loads((small_model_dir / LANGUAGE_REPORT_FILE).read_text())
+    assert language["threads_at_end"] == 2 * json.loads((small_model_dir / REPORT_FILE).read_text())["threads_at_end"]
+    assert torch.get_num_threads() == threads_before  # the test process gets its threads back

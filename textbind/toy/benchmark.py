@@ -6,7 +6,9 @@ request; `draw.json`), as written by `textbind.toy.datagen`. Metrics:
   (and position, for two objects) correctly, and nothing else;
 - `describe_colour_accuracy`: share of descriptions naming exactly the image's colours (partial credit);
 - `drawing_accuracy`: share of drawing / edit requests whose first emitted caption parses to exactly the
-  expected scene; `drawing_by_kind/draw` and `drawing_by_kind/edit` split it by request kind.
+  expected scene; `drawing_by_kind/draw` and `drawing_by_kind/edit` split it by request kind, and the
+  details' `edits_by_kind` splits the edits further by what they change and how many objects the edited
+  image holds (`"colour/2": {"right": 7, "total": 12}`: colour edits of two-object images).
 Answers are capped at 96 new tokens and 2 images (the toy answers are short).
 """
 
@@ -22,6 +24,7 @@ from textbind.data.conversation import Conversation, DataError, Turn, parse_reco
 from textbind.eval.config import EvalConfig
 from textbind.eval.harness import EvalItem, Metric, Scores, file_fingerprint
 from textbind.generation import DecodingConfig
+from textbind.toy.dialogue import edits_between
 from textbind.toy.world import COLOURS, parse_caption, scene_attributes_match
 
 DESCRIBE_PROMPT = "Describe this image. <image>"
@@ -45,6 +48,16 @@ def _draw_conversation(item: dict[str, Any], source: str, image_dir: Path) -> Co
             if isinstance(path, str) and not Path(path).is_file():
                 raise DataError(f"{source}: image file {path} not found")
     return conversation
+
+
+def _edit_kind(turns: list[Any], expected_caption: str) -> str:
+    """What an edit request changes, and in how many objects: "colour/2" (a colour edit of a two-object
+    image), from the conversation's latest image to the expected one; "unknown" when that is not one edit."""
+    captions = [caption for turn in turns if isinstance(turn, dict) for caption in turn.get("caption_list") or []]
+    before = parse_caption(captions[-1]) if captions else None
+    after = parse_caption(expected_caption)
+    edits = edits_between(before, after) if before is not None and after is not None else []
+    return f"{edits[0].kind}/{len(before.objects)}" if edits and before is not None else "unknown"
 
 
 class ToyBenchmark:
@@ -99,6 +112,8 @@ class ToyBenchmark:
             request = turns[-1].get("content", "") if turns and isinstance(turns[-1], dict) else ""
             reference = {"kind": kind, "request": request, "expected_caption": item["expected_caption"],
                          "content": "<image>", "captions": [item["expected_caption"]]}
+            if kind == "edit":
+                reference["edit_kind"] = _edit_kind(turns, item["expected_caption"])
             items.append(EvalItem(f"draw/{index}", partial(_draw_conversation, item, source,
                                                            self.eval_dir / "images"), reference))
         return items
@@ -123,6 +138,7 @@ class ToyBenchmark:
                 describe_failures.append({"expected": scene, "answer": answer})
         drawn = 0
         kinds = {"draw": [0, 0], "edit": [0, 0]}  # kind -> [right, total]
+        edit_kinds: dict[str, dict[str, int]] = {}
         draw_failures: list[dict[str, str]] = []
         for record in draw:
             reference = record["reference"]
@@ -133,6 +149,10 @@ class ToyBenchmark:
             right = expected is not None and parse_caption(emitted) == expected
             kinds[reference["kind"]][0] += right
             kinds[reference["kind"]][1] += 1
+            if reference["kind"] == "edit":
+                counts = edit_kinds.setdefault(reference.get("edit_kind", "unknown"), {"right": 0, "total": 0})
+                counts["right"] += right
+                counts["total"] += 1
             drawn += right
             item_scores[record["id"]] = {"correct": float(right)}
             if not right and len(draw_failures) < MAX_FAILURES:
@@ -151,6 +171,7 @@ class ToyBenchmark:
         details = {
             "num_eval_examples": {"describe": len(describe), "draw": len(draw)},
             "drawing_by_kind": drawing_by_kind,
+            "edits_by_kind": dict(sorted(edit_kinds.items())),
             "describe_failures": describe_failures,
             "draw_failures": draw_failures,
         }

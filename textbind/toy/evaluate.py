@@ -8,7 +8,8 @@
 - `describe_colour_accuracy`: a partial-credit diagnostic: share of held-out descriptions that name exactly
   the image's colours (as a set, whatever the grammar) -- it rises long before whole captions are right.
 - `drawing_accuracy`: share of held-out drawing / edit requests whose emitted caption parses and
-  describes exactly the expected scene.
+  describes exactly the expected scene (`drawing_by_kind`: plain requests and edits apart;
+  `edits_by_kind`: the edits by what they change and how many objects the edited image holds).
 
 The evaluation is the harness's `toy` benchmark (`textbind.toy.benchmark`): its predictions, report.json
 and report.html go to the directory named like the output file without its suffix (`runs/quickstart/eval/`),
@@ -63,6 +64,7 @@ def evaluate(
         "drawing_accuracy": metrics["drawing_accuracy"]["value"],
         "num_eval_examples": details["num_eval_examples"],
         "drawing_by_kind": details["drawing_by_kind"],
+        "edits_by_kind": details["edits_by_kind"],
         "describe_failures": details["describe_failures"],
         "draw_failures": details["draw_failures"],
     }
