@@ -10,8 +10,9 @@
 # STAGE1_SAMPLES, STAGE2_CONVERSATIONS (conversations requested from the data engine; about 9% are then
 # filtered out and 200 go to valid/test), STAGE2_PAIRS (toy image-caption pairs the engine draws them from),
 # NUM_CLUSTERS (topic clusters of the pairs), CAPTION_CLUSTERED (how many of the conversations come from the
-# pairs clustered by their captions' words, the rest from the pairs clustered by their images), FAULTY_SHARE (share of faulty transcripts the toy LLM writes for the filters),
-# EVAL_ITEMS, NUM_GPUS (CPU processes; default 2 on 2+ cores), HOST, PORT, OMP_NUM_THREADS (default 1).
+# pairs clustered by their captions' words, the rest from the pairs clustered by their images), FAULTY_SHARE
+# (share of faulty transcripts the toy LLM writes for the filters), EVAL_ITEMS, NUM_GPUS (CPU processes;
+# default 2 on 2+ cores), HOST, PORT, OMP_NUM_THREADS (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The toy world trains (DeepSpeed, webdataset shards), makes its data with the data engine and is scored by the

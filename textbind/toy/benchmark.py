@@ -57,7 +57,10 @@ def _edit_kind(turns: list[Any], expected_caption: str) -> str:
     before = parse_caption(captions[-1]) if captions else None
     after = parse_caption(expected_caption)
     edits = edits_between(before, after) if before is not None and after is not None else []
-    return f"{edits[0].kind}/{len(before.objects)}" if edits and before is not None else "unknown"
+    if not edits:
+        return "unknown"
+    assert before is not None  # an edit was found from it
+    return f"{edits[0].kind}/{len(before.objects)}"
 
 
 class ToyBenchmark:

@@ -121,14 +121,18 @@ def attribute_accuracy(encoder: SceneEncoder, pixels: torch.Tensor, labels: torc
     return {"all": round(right.all(1).float().mean().item(), 4), **accuracy}
 
 
-def _train(module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, steps: int,
-           step_loss: Callable[[], torch.Tensor], description: str, progress: bool,
+def _train(module: nn.Module, optimizer: torch.optim.Optimizer, steps: int, warmup_steps: int,
+           min_lr_ratio: float, step_loss: Callable[[], torch.Tensor], description: str, progress: bool,
            threads_wanted: Callable[[], int] | None = None) -> float:
-    """``steps`` optimizer steps on ``step_loss()`` (clipped at norm 1, the schedule stepped); the seconds taken.
+    """``steps`` optimizer steps on ``step_loss()`` (clipped at norm 1, on a cosine schedule with warmup); the
+    seconds taken.
 
     ``threads_wanted``, asked before every step, may raise the number of threads (when the other part of
     ``--part both`` has finished and left its cores free); it never lowers them.
     """
+    from textbind.optim import cosine_schedule
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup_steps, steps, min_lr_ratio))
     started = time.perf_counter()
     bar = tqdm(range(steps), desc=description, disable=not progress, mininterval=2.0)
     for _ in bar:
@@ -142,6 +146,12 @@ def _train(module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, s
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return time.perf_counter() - started
+
+
+def _run_report(steps: int, batch_size: int, lr: float, seed: int, seconds: float) -> dict[str, Any]:
+    """What both parts' reports open with: the run's settings, its time and the threads it ended on."""
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(seconds, 1),
+            "threads_at_end": torch.get_num_threads()}
 
 
 def pretrain_vision(
@@ -159,8 +169,6 @@ def pretrain_vision(
     """Pretrain ``model_dir``'s vision encoder + Q-Former in place; return (and save) a report.
 
     ``threads_wanted``: see ``_train``."""
-    from textbind.optim import cosine_schedule
-
     model_dir = Path(model_dir)
     vision_dir, qformer_file = model_dir / "blip2_vision_model", model_dir / "blip2_qformer.safetensors"
     for path in (vision_dir, qformer_file, model_dir / "processor"):
@@ -172,7 +180,6 @@ def pretrain_vision(
     qformer, query_tokens = load_qformer(str(qformer_file))
     encoder = SceneEncoder(vision_model, qformer, query_tokens).train()
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.001)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup_steps, steps, min_lr_ratio))
     rng = stream_rng(seed, PRETRAIN_STREAM)
     check_pixels, check_labels = scene_batch(stream_rng(seed, CHECK_STREAM), check_images, image_processor)
 
@@ -181,15 +188,11 @@ def pretrain_vision(
         logits = encoder(pixels)
         return sum(nn.functional.cross_entropy(item, labels[:, index]) for index, item in enumerate(logits))
 
-    seconds = _train(encoder, optimizer, schedule, steps, step_loss, "pretrain vision", progress, threads_wanted)
+    seconds = _train(encoder, optimizer, steps, warmup_steps, min_lr_ratio, step_loss, "pretrain vision", progress,
+                     threads_wanted)
 
     report = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "seconds": round(seconds, 1),
-        "threads_at_end": torch.get_num_threads(),
+        **_run_report(steps, batch_size, lr, seed, seconds),
         "check_images": check_images,
         "check_accuracy": attribute_accuracy(encoder, check_pixels, check_labels),
     }
@@ -287,8 +290,6 @@ def pretrain_language(
     writes at inference before a drawn image takes the caption's place -- with the loss on the assistant's
     words, as in stage 2. ``threads_wanted``: see ``_train``.
     """
-    from textbind.optim import cosine_schedule
-
     model_dir = Path(model_dir)
     llm_dir = model_dir / "llama"
     if not (llm_dir / "config.json").exists():
@@ -300,7 +301,6 @@ def pretrain_language(
     resize_embeddings_for_special_tokens(model, len(tokenizer))
     encoder = ConversationEncoder(tokenizer, num_query_tokens=1, template=LLAMA2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.001)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup_steps, steps, min_lr_ratio))
     rng = stream_rng(seed, LANGUAGE_STREAM)
     check_ids, check_targets = text_batch(stream_rng(seed, LANGUAGE_CHECK_STREAM), check_conversations, encoder,
                                           LANGUAGE_MIXTURE)
@@ -312,15 +312,11 @@ def pretrain_language(
         logits = model(input_ids=input_ids).logits
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
-    seconds = _train(model, optimizer, schedule, steps, step_loss, "pretrain language", progress, threads_wanted)
+    seconds = _train(model, optimizer, steps, warmup_steps, min_lr_ratio, step_loss, "pretrain language",
+                     progress, threads_wanted)
 
     report = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "seconds": round(seconds, 1),
-        "threads_at_end": torch.get_num_threads(),
+        **_run_report(steps, batch_size, lr, seed, seconds),
         "check_conversations": check_conversations,
         "check_accuracy": text_accuracy(model, check_ids, check_targets, encoder.start_token_id,
                                         encoder.end_token_id),
