@@ -41,7 +41,8 @@ def read_all(config: PairsConfig) -> tuple[list, ReadReport]:
 def shards(tmp_path):
     """Two good shards (one with a sample lacking its image, one with an empty caption) and a corrupt one."""
     good = [{"__key__": f"{i:05d}", "png": png((10 * i, 0, 0)), "txt": f"red square {i}".encode(),
-             "json": json.dumps({"key": f"{i:05d}", "url": f"http://x/{i}"}).encode()} for i in range(4)]
+             "json": json.dumps({"key": f"{i:05d}", "url": f"http://x/{i}", "group": i // 2}).encode()}
+            for i in range(4)]
     write_shard(tmp_path / "00000.tar", good + [{"__key__": "00004", "txt": b"no image here"}])
     write_shard(tmp_path / "00001.tar", [{"__key__": "00005", "png": png((0, 0, 200)), "txt": b"  blue\n square "},
                                          {"__key__": "00006", "png": png((0, 200, 0)), "txt": b"   "}])
@@ -54,6 +55,7 @@ def test_webdataset_shards_with_bad_samples_and_a_corrupt_shard(shards, tmp_path
     assert [item.pair.key for item in items] == ["00000", "00001", "00002", "00003", "00005"]
     assert items[-1].pair.caption == "blue square"  # one line, single spaces
     assert items[0].pair.url == "http://x/0" and items[0].pair.id == "00000/00000"
+    assert [item.pair.group for item in items] == ["0", "0", "1", "1", ""]  # from KEY.json; none without it
     assert report.skipped == {"missing_image": 1, "empty_caption": 1, "unreadable_shard": 1}
     assert any("00000.tar sample 00004" in message for message in report.examples)
     assert any("00002.tar" in message and "unreadable shard" in message for message in report.examples)
@@ -70,7 +72,7 @@ def test_record_files_in_every_format_with_bad_records(tmp_path):
     (images / "b.png").write_bytes(png((0, 200, 0)))
     (images / "broken.png").write_bytes(b"not an image")
     records = [
-        {"image": "a.png", "caption": "a red thing", "url": "http://x/a", "key": "ka"},
+        {"image": "a.png", "caption": "a red thing", "url": "http://x/a", "key": "ka", "group": " album 7 "},
         {"image": "b.png", "caption": "a green thing"},
         {"image": "missing.png", "caption": "gone"},
         {"image": "a.png", "caption": ""},
@@ -80,13 +82,14 @@ def test_record_files_in_every_format_with_bad_records(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
     for name, delimiter in (("pairs.csv", ","), ("pairs.tsv", "\t")):
         with open(tmp_path / name, "w", newline="") as stream:
-            writer = csv.DictWriter(stream, ["image", "caption", "url", "key"], delimiter=delimiter)
+            writer = csv.DictWriter(stream, ["image", "caption", "url", "key", "group"], delimiter=delimiter)
             writer.writeheader()
             writer.writerows(records)
     for name in ("pairs.json", "pairs.jsonl", "pairs.csv", "pairs.tsv"):
         items, report = read_all(PairsConfig(path=str(tmp_path / name), image_dir=str(images)))
         assert [item.pair.caption for item in items] == ["a red thing", "a green thing", "a broken file"], name
         assert items[0].pair.key == "ka" and items[0].pair.url == "http://x/a"
+        assert [item.pair.group for item in items] == ["album 7", "", ""], name
         assert items[1].pair.image == str(images / "b.png")
         expected = {"missing_image": 1, "empty_caption": 1}
         if name == "pairs.jsonl":

@@ -11,7 +11,7 @@ import pytest
 
 from textbind.data.conversation import DataError
 from textbind.datagen.cluster import cluster_pairs
-from textbind.datagen.config import ClusterConfig, PromptConfig, SampleConfig
+from textbind.datagen.config import ClusterConfig, ConfigError, PromptConfig, SampleConfig
 from textbind.datagen.pairs import Pair
 from textbind.datagen.prompt import (
     IMAGES_HEADER,
@@ -55,6 +55,32 @@ def test_clusters_follow_the_topics_and_duplicates_are_counted():
     assert kept_everything.summary["duplicates_removed"] == 0 and kept_everything.summary["kept"] == 60
     with pytest.raises(DataError, match="no usable"):
         cluster_pairs([], np.zeros((0, 8)), ClusterConfig(), seed=0)
+
+
+def test_clusters_can_be_the_pairs_own_groups():
+    """cluster.method=group: one cluster per group the pairs name (in order of first appearance), whatever the
+    embeddings say; pairs without a group are left out and counted; near-duplicates still go within a group."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(9, 8)).astype(np.float32)
+    vectors[4] = vectors[1] + 1e-5  # a near-copy of pair 1, in the same album
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    albums = ["b", "a", "b", "", "a", "c", "a", "", "c"]
+    pairs = [Pair(f"p{i}", f"k{i}", f"caption {i}", f"/images/{i}.png", group=album) for i, album in enumerate(albums)]
+
+    config = ClusterConfig(method="group", num_clusters=50, dedup_threshold=0.999)
+    clustering = cluster_pairs(pairs, vectors, config, seed=0)
+    assert [[pair.id for pair in members] for members in clustering.clusters] == [["p0", "p2"], ["p1", "p6"],
+                                                                                 ["p5", "p8"]]
+    assert [(d["id"], d["duplicate_of"]) for d in clustering.duplicates] == [("p4", "p1")]
+    summary = clustering.summary
+    assert summary["method"] == "group" and summary["num_clusters"] == 3 and summary["ungrouped"] == 2
+    assert summary["num_clusters_requested"] is None and summary["kept"] == 6
+
+    without_groups = [Pair(f"p{i}", f"k{i}", "c", "/i.png") for i in range(3)]
+    with pytest.raises(DataError, match="no pair names a group"):
+        cluster_pairs(without_groups, vectors[:3], config, seed=0)
+    with pytest.raises(ConfigError, match="cluster.method"):
+        ClusterConfig(method="albums").validate()
 
 
 def clusters_of(sizes: list[int]) -> list[list[Pair]]:

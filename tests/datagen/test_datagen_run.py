@@ -99,3 +99,43 @@ def test_generate_data_script_end_to_end_and_rerun_resumes(tmp_path, toy_server,
     rerun = json.loads((output / "report.json").read_text())
     assert rerun["embed"]["sources_embedded"] == 0 and rerun["generate"]["answered_before"] == 150
     print(f"end-to-end run: {seconds:.1f} s")
+
+
+def test_conversations_from_the_pairs_own_groups(tmp_path, toy_server):
+    """`cluster.method=group` on the toy pairs (families: a scene and a walk of edits from it, as one album's
+    photos): every conversation's images come from one family, and the toy LLM chains their edits."""
+    from textbind.toy.dialogue import edits_between
+    from textbind.toy.world import parse_caption
+
+    base_url, _ = toy_server
+    pairs = write_pairs(tmp_path / "pairs", 200, seed=0)
+    family_of = {record["key"]: record["group"] for record in map(json.loads, pairs.read_text().splitlines())}
+    families = set(family_of.values())
+    output = tmp_path / "grouped"
+    command = [sys.executable, "-m", "textbind", "datagen", "run", "--config", "configs/datagen/toy.yaml",
+               f"pairs.path={pairs}", f"run.output_dir={output}", "run.progress=false", f"llm.base_url={base_url}",
+               "llm.model=toy-writer", "sample.num_conversations=80", "cluster.method=group",
+               "embed.encoder=hashing", "embed.modality=caption", "cluster.dedup=false", "export.valid_size=0",
+               "export.test_size=0"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((output / "report.json").read_text())
+    assert report["cluster"]["method"] == "group" and report["cluster"]["num_clusters"] == len(families)
+    assert report["cluster"]["ungrouped"] == 0
+    raw = [json.loads(line) for line in (output / "raw.jsonl").read_text().splitlines()]
+    assert len(raw) == 80
+    for record in raw:
+        groups = {family_of[image["key"]] for image in record["images"]}
+        assert len(groups) == 1, record["id"]
+    # Edits between consecutive drawn images: one family's images are one edit apart, so most conversations
+    # hold one or more (measured on this seed: 1.95 per kept conversation).
+    edits = kept = 0
+    for conversation in json.loads((output / "train.json").read_text()):
+        kept += 1
+        scenes = [parse_caption(caption) for turn in conversation["conversation"]
+                  for caption in turn.get("caption_list") or []]
+        edits += sum(bool(edits_between(before, after)) for before, after in zip(scenes, scenes[1:]))
+    print(f"grouped run: {edits / kept:.2f} edits per kept conversation ({kept} kept)")
+    assert kept > 60 and edits / kept > 1.2, (edits, kept)

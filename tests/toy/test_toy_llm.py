@@ -374,6 +374,14 @@ def test_pairs_are_families_of_edits_on_their_own_stream(tmp_path: Path) -> None
     assert all(scene is not None for scene in scenes)
     one_edit_apart = sum(bool(dialogue.edits_between(before, after)) for before, after in zip(scenes, scenes[1:]))
     assert one_edit_apart >= 0.5 * len(scenes)
+    # Each family is one group (numbered in order), 2-5 pairs long, each scene one edit from the one before.
+    groups = [record["group"] for record in records]
+    assert groups[0] == "family-000001" and groups == sorted(groups)
+    for group in dict.fromkeys(groups):
+        members = [scene for scene, name in zip(scenes, groups, strict=True) if name == group]
+        assert 1 <= len(members) <= 5 and len(set(members)) == len(members)
+        assert all(dialogue.edits_between(before, after) for before, after in zip(members, members[1:])), group
+    assert sum(groups.count(group) >= 2 for group in set(groups)) >= 0.9 * len(set(groups))
     # Not the stage-1 stream: the same seed draws other scenes.
     stage1 = stream_rng(0, STAGE1_STREAM)
     assert records[0]["caption"] != caption(random_scene(stage1))

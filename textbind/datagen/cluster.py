@@ -2,6 +2,9 @@
 
     textbind datagen cluster --config ... [cluster.num_clusters=100 cluster.dedup_threshold=0.95 ...]
 
+`cluster.method=group` takes the input's own grouping instead of k-means: one cluster per `group` the pairs
+name (an album, a web page, a product's photos), pairs without a group left out and counted.
+
 Writes to OUTPUT_DIR:
     clusters.json          cluster sizes, duplicates removed per cluster, a few example captions each
     cluster_members.jsonl  one line per kept pair: id, key, caption, image, url, cluster
@@ -88,6 +91,20 @@ def near_duplicates(vectors: np.ndarray, threshold: float) -> list[tuple[int, in
     return dropped
 
 
+def group_labels(pairs: list[Pair]) -> tuple[np.ndarray, int, int]:
+    """A cluster label per pair from its `group` (clusters numbered in order of first appearance; -1 for a
+    pair without a group, which no cluster takes), the number of clusters and of pairs left out."""
+    numbers: dict[str, int] = {}
+    labels = np.array([numbers.setdefault(pair.group, len(numbers)) if pair.group else -1 for pair in pairs])
+    if not numbers:
+        raise DataError("cluster.method=group, but no pair names a group: give the records a 'group' field (in a "
+                        "shard, a 'group' in KEY.json), or use cluster.method=kmeans")
+    ungrouped = int((labels < 0).sum())
+    if ungrouped:
+        logger.warning("%d pair(s) without a group left out (cluster.method=group)", ungrouped)
+    return labels, len(numbers), ungrouped
+
+
 def cluster_pairs(pairs: list[Pair], vectors: np.ndarray, config: ClusterConfig, seed: int) -> Clustering:
     if not pairs:
         raise DataError("no usable image-caption pairs to cluster (see the embed report for what was skipped)")
@@ -96,11 +113,15 @@ def cluster_pairs(pairs: list[Pair], vectors: np.ndarray, config: ClusterConfig,
         # tells images apart, so k-means finds topics and the duplicate threshold means what it says.
         vectors = vectors - vectors.mean(axis=0, keepdims=True)
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    num_clusters = min(config.num_clusters, len(pairs))
-    if num_clusters < config.num_clusters:
-        logger.warning("cluster.num_clusters=%d but only %d pair(s): using %d clusters", config.num_clusters,
-                       len(pairs), num_clusters)
-    labels = kmeans_labels(vectors, num_clusters, seed, config.minibatch_above)
+    ungrouped = 0
+    if config.method == "group":
+        labels, num_clusters, ungrouped = group_labels(pairs)
+    else:
+        num_clusters = min(config.num_clusters, len(pairs))
+        if num_clusters < config.num_clusters:
+            logger.warning("cluster.num_clusters=%d but only %d pair(s): using %d clusters", config.num_clusters,
+                           len(pairs), num_clusters)
+        labels = kmeans_labels(vectors, num_clusters, seed, config.minibatch_above)
     clusters: list[list[Pair]] = []
     duplicates: list[dict] = []
     removed_per_cluster: list[int] = []
@@ -116,8 +137,10 @@ def cluster_pairs(pairs: list[Pair], vectors: np.ndarray, config: ClusterConfig,
     sizes = [len(members) for members in clusters]
     summary = {
         "pairs": len(pairs),
-        "num_clusters_requested": config.num_clusters,
+        "method": config.method,
+        "num_clusters_requested": config.num_clusters if config.method == "kmeans" else None,
         "num_clusters": num_clusters,
+        "ungrouped": ungrouped,
         "dedup_threshold": config.dedup_threshold if config.dedup else None,
         "duplicates_removed": len(duplicates),
         "kept": sum(sizes),

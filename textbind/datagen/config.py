@@ -13,6 +13,7 @@ from textbind.config import DTYPE_NAMES, ConfigError, config_help, load_config
 from textbind.datagen.export import ExportConfig
 from textbind.datagen.filters import FilterConfig
 
+CLUSTER_METHODS = ("kmeans", "group")
 ENCODERS = ("blip2", "clip", "siglip", "hashing")
 MODALITIES = ("image", "caption")
 PAIR_FORMATS = ("auto", "webdataset", "json", "jsonl", "csv", "tsv")
@@ -74,9 +75,10 @@ class EmbedConfig:
 
 @dataclass
 class ClusterConfig:
-    """Topic clusters (k-means) and near-duplicate removal."""
+    """Topic clusters (k-means, or the pairs' own groups) and near-duplicate removal."""
 
-    num_clusters: int = 100  # k of k-means (at most the number of distinct images)
+    method: str = "kmeans"  # kmeans (topics of the embeddings) | group (one cluster per `group` of the pairs)
+    num_clusters: int = 100  # k of k-means (at most the number of distinct images); unused by method=group
     center: bool = True  # subtract the mean embedding first (encoders often put every image in a narrow cone)
     dedup: bool = True  # drop near-duplicate images inside each cluster
     dedup_threshold: float = 0.95  # cosine similarity above which two images are near-duplicates
@@ -84,6 +86,8 @@ class ClusterConfig:
     minibatch_above: int = 20000  # use MiniBatchKMeans above this many images (exact k-means below)
 
     def validate(self) -> None:
+        if self.method not in CLUSTER_METHODS:
+            raise ConfigError(f"cluster.method must be one of {list(CLUSTER_METHODS)}, got {self.method!r}")
         if self.num_clusters < 1:
             raise ConfigError("cluster.num_clusters must be at least 1")
         if not -1.0 <= self.dedup_threshold <= 1.0:

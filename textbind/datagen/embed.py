@@ -158,7 +158,8 @@ class SourceEmbeddings:
 
 
 def cache_paths(output_dir: str, source: Source, config: EmbedConfig) -> tuple[Path, Path]:
-    digest = hashlib.sha256(f"{source.fingerprint()}|{encoder_signature(config)}".encode()).hexdigest()[:16]
+    # "pairs-v2": cached pairs carry their group; a cache written before groups were read is not reused.
+    digest = hashlib.sha256(f"{source.fingerprint()}|{encoder_signature(config)}|pairs-v2".encode()).hexdigest()[:16]
     stem = Path(output_dir) / EMBEDDINGS_DIR / f"{source.name}-{digest}"
     return stem.with_suffix(".npy"), stem.with_suffix(".json")
 

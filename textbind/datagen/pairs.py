@@ -5,7 +5,10 @@ Two kinds of input, each cut into *sources* (the unit the embedding cache works 
 - webdataset tars in the img2dataset layout (`KEY.jpg|png`, `KEY.txt`, `KEY.json`), given as a brace
   pattern like stage 1's `data.train_path`; each shard is one source;
 - one JSON (a list of records), JSONL, CSV or TSV file of records with `image` (a path, relative to
-  the file or to `pairs.image_dir`), `caption`, and optionally `url` and `key`; the file is one source.
+  the file or to `pairs.image_dir`), `caption`, and optionally `url`, `key` and `group`; the file is one source.
+
+A pair's `group` (a record field, or in a shard the `group` of `KEY.json`) names a set of images that belong
+together -- an album, a web page, a product's photos -- for `cluster.method=group`.
 
 Bad items (no or unreadable image, empty caption, unreadable shard or line) are skipped with a message
 naming the item, and counted; nothing else is lost.
@@ -45,6 +48,7 @@ class Pair:
     caption: str
     image: str  # a file path, or "<shard>::<member>" for an image inside a tar
     url: str = ""
+    group: str = ""  # the images that belong together (an album, a web page); "" when the input names none
 
 
 @dataclass
@@ -184,13 +188,18 @@ def _read_shard(source: Source, report: ReadReport) -> Iterator[PairItem]:
                 url = str(metadata.get("url") or "")
                 member = f"{key}.{extension}"
                 pair = Pair(f"{source.name}/{key}", key, caption,
-                            f"{source.path}{TAR_MEMBER_SEPARATOR}{member}", url)
+                            f"{source.path}{TAR_MEMBER_SEPARATOR}{member}", url, _group(metadata.get("group")))
                 yield PairItem(pair, sample[extension])
         except (tarfile.TarError, OSError, ValueError) as error:
             errors.append(error)
     if errors:
         report.skip("unreadable_shard", f"{source.path}: unreadable shard content, the rest of it skipped "
                                         f"({errors[0]})")
+
+
+def _group(value: object) -> str:
+    """A record's group as text ("" when it has none); numbers are groups too (an album id)."""
+    return "" if value is None else str(value).strip()
 
 
 def clean_caption(text: str) -> str:
@@ -277,7 +286,8 @@ def _read_record_file(source: Source, report: ReadReport) -> Iterator[PairItem]:
             report.skip("duplicate_key", f"{where}: a second record with this key")
             continue
         seen.add(key)
-        yield PairItem(Pair(f"{source.name}/{key}", key, caption, os.path.abspath(path), str(record.get("url") or "")))
+        yield PairItem(Pair(f"{source.name}/{key}", key, caption, os.path.abspath(path), str(record.get("url") or ""),
+                            _group(record.get("group"))))
 
 
 def load_image(item: PairItem) -> Image.Image:

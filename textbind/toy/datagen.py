@@ -360,8 +360,9 @@ def write_pairs(
 ) -> Path:
     """Write ``num_pairs`` image-caption pairs for the data engine; return the path of their JSONL file.
 
-    ``out_dir/pairs.jsonl`` holds one ``{"image": "images/KEY.png", "caption": ..., "key": KEY}`` per
-    line (the image path is relative to the file); ``KEY`` is the pair's index in nine digits.
+    ``out_dir/pairs.jsonl`` holds one ``{"image": "images/KEY.png", "caption": ..., "key": KEY, "group":
+    "family-NNNNNN"}`` per line (the image path is relative to the file); ``KEY`` is the pair's index in nine
+    digits, ``group`` its family (below), numbered from 1.
 
     Pairs come in families, like the photos of one subject in a real collection: a random scene, then
     a walk of ``random_edit`` steps from it (a family of n scenes, n drawn from ``family_sizes``, no
@@ -378,8 +379,10 @@ def write_pairs(
     rng = stream_rng(seed, PAIRS_STREAM)
     records = []
     bar = tqdm(total=num_pairs, desc="toy pairs", unit="pair", disable=not progress)
+    families = 0
     while len(records) < num_pairs:
         family = [random_scene(rng)]
+        families += 1
         size = rng.choice(list(family_sizes))
         for _ in range(8 * size):  # a few tries more than needed: a step may come back to a scene of the family
             if len(family) >= size:
@@ -390,7 +393,8 @@ def write_pairs(
         for scene in family[: num_pairs - len(records)]:
             key = f"{len(records):09d}"
             draw_scene(scene, image_size=image_size, rng=rng).save(image_directory / f"{key}.png", format="PNG")
-            records.append({"image": f"images/{key}.png", "caption": caption(scene), "key": key})
+            records.append({"image": f"images/{key}.png", "caption": caption(scene), "key": key,
+                            "group": f"family-{families:06d}"})
             bar.update(1)
     bar.close()
     path = directory / "pairs.jsonl"
