@@ -8,13 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import Blip2VisionModel
 
 from textbind import SPECIAL_TOKENS
 from textbind.config import ModelConfig
 from textbind.data.sequence import ConversationEncoder
 from textbind.model.builder import build_model, load_qformer, load_tokenizer
-from textbind.model.mim import query_image
 from textbind.tiny import TinySizes, build_tiny_pretrained
 from textbind.toy.datagen import stream_rng
 from textbind.toy.pretrain import (
@@ -22,9 +20,7 @@ from textbind.toy.pretrain import (
     LANGUAGE_MIXTURE,
     LANGUAGE_REPORT_FILE,
     REPORT_FILE,
-    SLOT_TOKEN,
     TARGETS,
-    SceneEncoder,
     main,
     pretrain_language,
     pretrain_vision,
@@ -66,30 +62,6 @@ def test_scene_labels_index_every_target():
     assert all(0 <= label < classes for label, (_, classes) in zip(single, TARGETS, strict=True))
 
 
-@pytest.mark.parametrize("num_query_tokens", [8, 4])
-def test_each_head_reads_its_own_query_token_in_caption_order(tmp_path, num_query_tokens):
-    """The toy's 8 query tokens: size, colour and shape of the first object, the layout, then the second
-    object's, each from one token (the eighth free); with fewer tokens, targets share them in turn."""
-    sizes = replace(SMALL, num_query_tokens=num_query_tokens)
-    build_tiny_pretrained(tmp_path / "model", seed=0, sizes=sizes)
-    paths = _model_paths(tmp_path / "model")
-    qformer, query_tokens = load_qformer(paths["qformer"])
-    vision = Blip2VisionModel.from_pretrained(paths["vision_model"])
-    encoder = SceneEncoder(vision, qformer, query_tokens).eval()
-    order = ["size_1", "colour_1", "shape_1", "layout", "size_2", "colour_2", "shape_2"]
-    assert sorted(SLOT_TOKEN, key=SLOT_TOKEN.get) == order and sorted(SLOT_TOKEN.values()) == list(range(7))
-    assert encoder.slot_tokens == [SLOT_TOKEN[name] % num_query_tokens for name, _ in TARGETS]
-
-    pixels = torch.rand(3, 3, sizes.image_size, sizes.image_size)
-    with torch.no_grad():
-        logits = encoder(pixels)
-        queried = query_image(encoder.qformer, encoder.query_tokens, vision(pixel_values=pixels).last_hidden_state)
-        for (name, classes), head, output in zip(TARGETS, encoder.heads, logits, strict=True):
-            assert output.shape == (3, classes)
-            token = SLOT_TOKEN[name] % num_query_tokens
-            torch.testing.assert_close(output, head(queried[:, token]), rtol=0, atol=0)
-
-
 def test_pretraining_learns_and_writes_the_blip2_layout_back(small_model_dir):
     paths = _model_paths(small_model_dir)
     before_qformer, before_queries = load_qformer(paths["qformer"])
@@ -100,8 +72,8 @@ def test_pretraining_learns_and_writes_the_blip2_layout_back(small_model_dir):
     assert json.loads((small_model_dir / REPORT_FILE).read_text()) == report
     accuracy = report["check_accuracy"]
     # Chance is 1/3 for the layout and 1/6 for the first object's colour; these are learned first
-    # (measured after 200 steps, each read from its own query token: 0.67 and 0.69).
-    assert accuracy["layout"] >= 0.55, accuracy
+    # (measured after 200 steps: 0.86 and 0.74).
+    assert accuracy["layout"] >= 0.7, accuracy
     assert accuracy["colour_1"] >= 0.5, accuracy
     # What stage 1 loads: the same architecture and tokenizer, new vision and Q-Former weights.
     after = build_model(ModelConfig(**paths)).model

@@ -5,18 +5,17 @@ learning to see only through the language model's caption loss is slow on a CPU:
 attribute to be learned, takes ~900 steps even with direct supervision. So, as a vision encoder is
 pretrained on labelled images before it meets a language model, this step trains the encoder and
 the Q-Former with linear attribute heads (the layout, then each object slot's colour, shape and
-size, each read from its own query token in the order the caption names them: the image reaches the
-language model as attribute tokens, much as its caption does) on fresh images drawn from their own
-random stream -- never the stage-1, stage-2 or held-out evaluation images -- and writes them back in the
-BLIP-2 layout (``MODEL_DIR/blip2_vision_model/``, ``MODEL_DIR/blip2_qformer.safetensors``). The heads are
-dropped; stage 1 then aligns the encoder with the language model exactly as in the real recipe.
+size) on fresh images drawn from their own random stream -- never the stage-1, stage-2 or held-out
+evaluation images -- and writes them back in the BLIP-2 layout (``MODEL_DIR/blip2_vision_model/``,
+``MODEL_DIR/blip2_qformer.safetensors``). The heads are dropped; stage 1 then aligns the encoder
+with the language model exactly as in the real recipe.
 
 The language model gets the same kind of start (``pretrain_language``): a few hundred steps on
 toy-world text, in a second process while the vision part trains (on a 2-core machine the second
 core would idle otherwise). Each part starts on half of the threads; the one that finishes first
 leaves its half to the other (the language part runs 1.9x faster on two threads than on one).
 
-    textbind toy pretrain --model-dir checkpoint/toy --steps 1000 --language-steps 450
+    textbind toy pretrain --model-dir checkpoint/toy --steps 1500 --language-steps 450
 """
 
 from __future__ import annotations
@@ -56,8 +55,8 @@ LANGUAGE_STREAM = "pretrain-language"
 LANGUAGE_CHECK_STREAM = "pretrain-language-check"
 REPORT_FILE = "pretrain.json"
 LANGUAGE_REPORT_FILE = "pretrain_language.json"
-DEFAULT_STEPS = 1000
-DEFAULT_LANGUAGE_STEPS = 450  # on one core beside the vision part, then on both once it is done
+DEFAULT_STEPS = 1500
+DEFAULT_LANGUAGE_STEPS = 450  # ends about when the vision part's 1500 steps do, on one core and then on both
 # The language pretraining's text leans on drawing and editing (what takes longest to learn): drawings with
 # one to three edits make up most of it; descriptions, questions and comparisons the rest.
 LANGUAGE_MIXTURE = Mixture(segment_weights=(1.0, 1.0, 0.5, 6.0), edit_count_weights=(1.0, 3.0, 3.0, 3.0))
@@ -75,12 +74,6 @@ TARGETS: tuple[tuple[str, int], ...] = (
 )
 
 
-# The query token each target is read from, in the order the caption names them ("a small red circle on the
-# left and a large blue square on the right"): each of the first seven query tokens carries one attribute of one
-# object, as each word of the caption does; the eighth is left free.
-SLOT_TOKEN = {"size_1": 0, "colour_1": 1, "shape_1": 2, "layout": 3, "size_2": 4, "colour_2": 5, "shape_2": 6}
-
-
 def scene_labels(scene: Scene) -> list[int]:
     """The class index of every target of TARGETS for ``scene``."""
     first = scene.objects[0]
@@ -93,22 +86,20 @@ def scene_labels(scene: Scene) -> list[int]:
 
 
 class SceneEncoder(nn.Module):
-    """Vision encoder -> Q-Former (as MIMModel.encode_images, without the projection) -> attribute logits, each
-    target read from its own query token (``SLOT_TOKEN``)."""
+    """Vision encoder -> Q-Former (as MIMModel.encode_images, without the projection) -> attribute logits."""
 
     def __init__(self, vision_model: Blip2VisionModel, qformer: Blip2QFormerModel, query_tokens: torch.Tensor):
         super().__init__()
         self.vision_model = vision_model
         self.qformer = qformer
         self.query_tokens = nn.Parameter(query_tokens.detach().clone())
-        self.heads = nn.ModuleList(nn.Linear(query_tokens.shape[2], classes) for _, classes in TARGETS)
-        # With fewer query tokens than targets (small test models), targets share them in turn.
-        self.slot_tokens = [SLOT_TOKEN[name] % query_tokens.shape[1] for name, _ in TARGETS]
+        features = query_tokens.shape[1] * query_tokens.shape[2]
+        self.heads = nn.ModuleList(nn.Linear(features, classes) for _, classes in TARGETS)
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         image_features = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        queried = query_image(self.qformer, self.query_tokens, image_features)
-        return [head(queried[:, token]) for head, token in zip(self.heads, self.slot_tokens, strict=True)]
+        flat = query_image(self.qformer, self.query_tokens, image_features).flatten(1)
+        return [head(flat) for head in self.heads]
 
 
 def scene_batch(rng: random.Random, size: int, image_processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
