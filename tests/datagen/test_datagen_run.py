@@ -15,6 +15,8 @@ import pytest
 
 from textbind.data.conversation import load_conversations
 from textbind.toy.datagen import write_pairs
+from textbind.toy.dialogue import edits_between
+from textbind.toy.world import parse_caption
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,9 +106,6 @@ def test_generate_data_script_end_to_end_and_rerun_resumes(tmp_path, toy_server,
 def test_conversations_from_the_pairs_own_groups(tmp_path, toy_server):
     """`cluster.method=group` on the toy pairs (families: a scene and a walk of edits from it, as one album's
     photos): every conversation's images come from one family, and the toy LLM chains their edits."""
-    from textbind.toy.dialogue import edits_between
-    from textbind.toy.world import parse_caption
-
     base_url, _ = toy_server
     pairs = write_pairs(tmp_path / "pairs", 200, seed=0)
     family_of = {record["key"]: record["group"] for record in map(json.loads, pairs.read_text().splitlines())}
