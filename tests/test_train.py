@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from textbind.config import ModelConfig, load_config
 from textbind.model.builder import build_model
 from textbind.toy.datagen import write_stage1_shards, write_stage2_json
-from textbind.train import engine_config, make_plan
+from textbind.train import drop_steps_after, engine_config, make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["train.precision=fp32", "model.dtype=float32", "train.tensorboard=false", "data.num_workers=1"]
@@ -207,6 +207,8 @@ def test_two_ranks_disjoint_data_and_resume(tiny_paths, data, tmp_path):
     run(["bash", "scripts/run_second_stage.sh", *overrides], env)
     per_rank = [[json.loads(line) for line in (tmp_path / f"run/samples/rank{r}.jsonl").read_text().splitlines()]
                 for r in range(2)]
+    for records in per_rank:  # each step once: the resumed run dropped what the killed one recorded past step 2
+        assert [record["step"] for record in records] == [1, 1, 2, 2, 3, 3, 4, 4]
     for step in range(1, 5):
         seen = [{s for record in records if record["step"] == step for s in record["sources"]}
                 for records in per_rank]
@@ -235,6 +237,15 @@ def test_bad_records_stop_or_are_skipped(tiny_paths, data, tmp_path):
     ok = train_module(common[1], common[2:] + [f"train.output_dir={tmp_path / 'b'}"])
     assert "skipped 2 bad record(s)" in ok.stderr and "record 3" in ok.stderr and "record 5" in ok.stderr
     assert sorted(metrics(tmp_path / "b")) == [1, 2]
+
+
+def test_a_resumed_log_drops_steps_past_the_checkpoint(tmp_path):
+    log = tmp_path / "rank0.jsonl"
+    drop_steps_after(log, 2)
+    assert not log.exists()
+    log.write_text('{"step": 1, "a": 1}\n{"step": 2}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')  # cut by a kill
+    drop_steps_after(log, 2)
+    assert log.read_text() == '{"step": 1, "a": 1}\n{"step": 2}\n{"step": 2}\n'
 
 
 def test_batch_arithmetic_and_engine_config():

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -110,6 +110,22 @@ def engine_config(config: RunConfig, plan: Plan, on_gpu: bool) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------- logging
 
 
+def drop_steps_after(path: Path, step: int) -> None:
+    """Remove the records of steps after `step` from the JSON-lines log `path` (if it exists), and a last line
+    that a kill cut short."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard, + Weights & Biases when configured) on rank 0.
 
@@ -124,10 +140,7 @@ class MetricsLog:
         self.wandb = None
         if not enabled:
             return
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resumed_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        drop_steps_after(self.path, resumed_step)
         if config.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -243,6 +256,14 @@ def setup_run(config: RunConfig, rank: int, world_size: int, device: torch.devic
 # ----------------------------------------------------------------------------------------------- loop
 
 
+def open_samples_log(output_dir: Path, rank: int, resumed_step: int) -> TextIO:
+    """samples/rank{R}.jsonl for appending, without what a killed run recorded past the step it resumes from."""
+    path = output_dir / "samples" / f"rank{rank}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    drop_steps_after(path, resumed_step)
+    return path.open("a")
+
+
 def train_loop(run: RunState) -> Path:
     """Optimizer steps from `run.start_step` to the end of the plan; checkpoints on the way, export at the end."""
     import torch.distributed as dist
@@ -252,10 +273,7 @@ def train_loop(run: RunState) -> Path:
     progress = tqdm(total=plan.total_steps, initial=run.start_step, disable=run.rank != 0,
                     desc=f"stage {config.data.stage}", dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    samples_log = None
-    if config.train.record_samples:
-        (run.output_dir / "samples").mkdir(exist_ok=True)
-        samples_log = (run.output_dir / "samples" / f"rank{run.rank}.jsonl").open("a")
+    samples_log = open_samples_log(run.output_dir, run.rank, run.start_step) if config.train.record_samples else None
     save_every = config.train.save_every or plan.total_steps
     step = run.start_step
     window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -277,6 +295,8 @@ def train_loop(run: RunState) -> Path:
                 if samples_log is not None:
                     samples_log.write(json.dumps({"step": step + 1, "sources": list(batch.sources)}) + "\n")
             step += 1
+            if samples_log is not None:  # on disk before the checkpoint that covers the step
+                samples_log.flush()
             totals = torch.tensor([loss_sum, window_samples, window_tokens, loader.position.skipped],
                                   dtype=torch.float64)
             dist.all_reduce(totals)
@@ -301,8 +321,6 @@ def train_loop(run: RunState) -> Path:
             if step % save_every == 0 or step == plan.total_steps:
                 save_resumable(engine, run.output_dir, step, {"data_position": loader.position.to_dict()},
                                config.train.keep_last)
-            if samples_log is not None:
-                samples_log.flush()
     finally:
         progress.close()
         run.metrics.close()
