@@ -10,7 +10,8 @@
 # STAGE1_SAMPLES, STAGE2_CONVERSATIONS (conversations requested from the data engine; about 9% are then
 # filtered out and 200 go to valid/test), STAGE2_PAIRS (toy image-caption pairs the engine draws them from),
 # NUM_CLUSTERS (topic clusters of the pairs), CAPTION_CLUSTERED (how many of the conversations come from the
-# pairs clustered by their captions' words, the rest from the pairs clustered by their images), FAULTY_SHARE
+# pairs clustered by their captions' words), GROUPED (how many from the pairs' own groups, their families; the
+# rest come from the pairs clustered by their images), FAULTY_SHARE
 # (share of faulty transcripts the toy LLM writes for the filters), EVAL_ITEMS, NUM_GPUS (CPU processes;
 # default 2 on 2+ cores), HOST, PORT, OMP_NUM_THREADS (default 1).
 set -euo pipefail
@@ -38,6 +39,12 @@ STAGE2_PAIRS=${STAGE2_PAIRS:-$STAGE2_CONVERSATIONS}
 CAPTION_CLUSTERED=${CAPTION_CLUSTERED:-$(( STAGE2_CONVERSATIONS * 11 / 32 ))}  # about a third: 2200 of 6400
 if (( CAPTION_CLUSTERED < 0 || CAPTION_CLUSTERED > STAGE2_CONVERSATIONS )); then
   echo "CAPTION_CLUSTERED=$CAPTION_CLUSTERED: must be between 0 and STAGE2_CONVERSATIONS ($STAGE2_CONVERSATIONS)" >&2
+  exit 2
+fi
+GROUPED=${GROUPED:-$(( STAGE2_CONVERSATIONS / 4 ))}  # a quarter: 1600 of 6400
+if (( GROUPED < 0 || CAPTION_CLUSTERED + GROUPED > STAGE2_CONVERSATIONS )); then
+  echo "GROUPED=$GROUPED: must be between 0 and STAGE2_CONVERSATIONS - CAPTION_CLUSTERED" \
+    "($(( STAGE2_CONVERSATIONS - CAPTION_CLUSTERED )))" >&2
   exit 2
 fi
 NUM_CLUSTERS=${NUM_CLUSTERS:-$(( STAGE2_PAIRS / 8 > 1 ? STAGE2_PAIRS / 8 : 1 ))}
@@ -90,7 +97,8 @@ done
 # in many small clusters: images one edit apart then often meet in one conversation, which the toy LLM
 # turns into drawing-and-editing dialogues. Mini-batch k-means keeps that to seconds. Images that differ in
 # the order or the colour of their shapes look unalike to the encoder and seldom meet that way, so a second
-# run clusters the same pairs by their captions' words (CAPTION_CLUSTERED of the STAGE2_CONVERSATIONS).
+# run clusters the same pairs by their captions' words (CAPTION_CLUSTERED of the STAGE2_CONVERSATIONS), and a
+# third takes the pairs' own groups (GROUPED of them).
 run_engine() {  # output directory, conversations, extra overrides
   local out=$1 conversations=$2
   shift 2
@@ -99,7 +107,7 @@ run_engine() {  # output directory, conversations, extra overrides
     llm.model=toy-writer sample.num_conversations="$conversations" cluster.num_clusters="$NUM_CLUSTERS" \
     cluster.minibatch_above=0 "$@"
 }
-run_engine "$DATA/stage2" $(( STAGE2_CONVERSATIONS - CAPTION_CLUSTERED )) \
+run_engine "$DATA/stage2" $(( STAGE2_CONVERSATIONS - CAPTION_CLUSTERED - GROUPED )) \
   embed.model_path="$MODEL_DIR/blip2_vision_model" embed.processor_path="$MODEL_DIR/processor"
 STAGE2_TRAIN="$DATA/stage2/train.json"
 if (( CAPTION_CLUSTERED > 0 )); then
@@ -107,6 +115,14 @@ if (( CAPTION_CLUSTERED > 0 )); then
   run_engine "$DATA/stage2_by_caption" "$CAPTION_CLUSTERED" embed.encoder=hashing embed.modality=caption \
     cluster.dedup=false
   STAGE2_TRAIN="$STAGE2_TRAIN,$DATA/stage2_by_caption/train.json"
+fi
+if (( GROUPED > 0 )); then
+  # The pairs' own groups (cluster.method=group): the toy pairs come in families, a scene and a walk of edits
+  # from it, as the photos of one album do; every kind of edit then meets in one conversation. Captions are
+  # embedded by their words (no model needed), and no near-duplicate removal, as in the run above.
+  run_engine "$DATA/stage2_grouped" "$GROUPED" cluster.method=group embed.encoder=hashing embed.modality=caption \
+    cluster.dedup=false
+  STAGE2_TRAIN="$STAGE2_TRAIN,$DATA/stage2_grouped/train.json"
 fi
 stop_llm
 trap - EXIT

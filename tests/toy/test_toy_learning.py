@@ -6,8 +6,9 @@ HTTP server, stage 1 on webdataset shards and stage 2 on JSON conversations with
 evaluation with the toy renderer), with fewer samples, steps and evaluation items. Chance is near 0 for
 both headline metrics (one fully right description among 36 single-object and 2 x 36 x 36 two-object scenes;
 a drawing is right when its caption parses to exactly the asked scene). Measured on 40 + 40 items: caption
-accuracy 0.775-0.8 and drawing accuracy 0.525 (plain requests 1.0, edits 0.095) in two runs; the thresholds
-below leave room.
+accuracy 0.775-0.8 and drawing accuracy 0.525 (plain requests 1.0, edits 0.095) in two runs, and 0.725 / 0.5
+once a quarter of the conversations came from the pairs' own families (GROUPED); the thresholds below leave
+room.
 """
 
 from __future__ import annotations
@@ -62,3 +63,14 @@ def test_shortened_quickstart_learns(tmp_path):
     assert result["caption_attribute_accuracy"] >= MIN_CAPTION_ACCURACY, summary
     assert result["drawing_accuracy"] >= MIN_DRAWING_ACCURACY, summary
     assert result["pretrain_seconds"] > 0 and result["total_train_seconds"] > result["train_seconds"]
+
+
+@pytest.mark.parametrize(("caption_clustered", "grouped"), [("-1", "0"), ("60", "50"), ("0", "-5")])
+def test_quickstart_refuses_shares_beyond_the_conversations(tmp_path, caption_clustered, grouped):
+    env = dict(os.environ, STAGE2_CONVERSATIONS="100", CAPTION_CLUSTERED=caption_clustered, GROUPED=grouped,
+               OUT=str(tmp_path / "runs"), DATA=str(tmp_path / "data"), MODEL_DIR=str(tmp_path / "model"))
+    completed = subprocess.run(["bash", "scripts/quickstart.sh", "--no-demo"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert "must be between 0 and" in completed.stderr
+    assert not (tmp_path / "data").exists()  # refused before making anything
